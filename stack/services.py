@@ -1,0 +1,335 @@
+"""Start and stop the real servers this project runs beside: Orthanc, Samba, the Prefect server and worker.
+
+Used by the ``owf up`` command and by the test fixtures alike, so tests exercise the same start-up code an
+operator runs. Every server listens on 127.0.0.1, is started as a child process, and is stopped by its PID
+(SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode} during start-up\n{tail}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f} s")
+
+
+def stop_pid(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid`` (or the process), then SIGKILL after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 5)
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return
+            except ChildProcessError:
+                if not _alive(pid):
+                    return
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Service:
+    """A child process with its log file and PID file."""
+
+    name: str
+    argv: list[str]
+    workdir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"{self.name}.log"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.workdir / f"{self.name}.pid"
+
+    def spawn(self) -> subprocess.Popen:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=self.workdir,
+            env={**os.environ, **self.env},
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it stops its children too
+        )
+        log.close()
+        self.pid_path.write_text(str(self.proc.pid))
+        return self.proc
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc.pid, grace)
+            self.proc = None
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_path.unlink()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+def _require(binary: str, package: str) -> str:
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+    if not path:
+        raise RuntimeError(f"{binary} not found: install the Debian package '{package}' (scripts/setup does)")
+    return path
+
+
+# -- Orthanc --------------------------------------------------------------------------------------------
+@dataclass
+class OrthancServer:
+    workdir: Path
+    http_port: int
+    dicom_port: int
+    aet: str = "ORTHANC"
+    stable_age: int = 60
+    storage_dir: Path | None = None
+    extra_config: dict = field(default_factory=dict)
+    service: Service | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def config(self) -> dict:
+        storage = str(self.storage_dir or self.workdir / "storage")
+        cfg = {
+            "Name": f"owf-{self.aet}",
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "StorageDirectory": storage,
+            "IndexDirectory": storage,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "StableAge": self.stable_age,
+            "UserMetadata": {"IngestSource": 1024},
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "ConcurrentJobs": 2,
+            "HttpThreadsCount": 16,
+            "SaveJobs": True,
+            "Plugins": [],
+        }
+        cfg.update(self.extra_config)
+        return cfg
+
+    def start(self, timeout: float = 60) -> OrthancServer:
+        binary = _require("Orthanc", "orthanc")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.workdir / "orthanc.json"
+        cfg_path.write_text(json.dumps(self.config(), indent=2))
+        # DCMTK leaves Nagle on unless TCP_NODELAY=1: C-STORE crawls at ~11 instances/s without it.
+        self.service = Service("orthanc", [binary, str(cfg_path)], self.workdir, {"TCP_NODELAY": "1"})
+        proc = self.service.spawn()
+        wait_until(lambda: httpx.get(self.url + "/system", timeout=1).status_code == 200, timeout, "Orthanc",
+                   proc, self.service.log_path)  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        if self.service:
+            self.service.stop()
+
+
+# -- Samba ----------------------------------------------------------------------------------------------
+@dataclass
+class SambaServer:
+    """A Samba server on a high port with one share and one user, for tests and benchmarks."""
+
+    workdir: Path
+    port: int
+    share_name: str = "dicom"
+    username: str = "owfsmb"
+    password: str = "owf-test-only-9Q"
+    service: Service | None = None
+
+    @property
+    def share_dir(self) -> Path:
+        return self.workdir / "share"
+
+    def _conf(self) -> str:
+        w = self.workdir
+        return f"""[global]
+    smb ports = {self.port}
+    interfaces = 127.0.0.1
+    bind interfaces only = yes
+    private dir = {w}/private
+    lock directory = {w}/lock
+    state directory = {w}/state
+    cache directory = {w}/cache
+    pid directory = {w}/pid
+    passdb backend = tdbsam:{w}/private/passdb.tdb
+    log file = {w}/smbd.%m.log
+    log level = 1
+    disable netbios = yes
+    server role = standalone server
+    server min protocol = SMB2_02
+    load printers = no
+    printing = bsd
+    printcap name = /dev/null
+    disable spoolss = yes
+    map to guest = never
+    deadtime = 0
+
+[{self.share_name}]
+    path = {self.share_dir}
+    read only = no
+    browseable = yes
+    force user = root
+    valid users = {self.username}
+"""
+
+    def start(self, timeout: float = 30) -> SambaServer:
+        smbd = _require("smbd", "samba")
+        smbpasswd = _require("smbpasswd", "samba")
+        for sub in ("private", "lock", "state", "cache", "pid", "share"):
+            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "smb.conf"
+        conf.write_text(self._conf())
+        if subprocess.run(["id", self.username], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", self.username], check=True,
+                           capture_output=True)  # fmt: skip
+        subprocess.run([smbpasswd, "-c", str(conf), "-s", "-a", self.username],
+                       input=f"{self.password}\n{self.password}\n", text=True, check=True,
+                       capture_output=True)  # fmt: skip
+        self.service = Service("smbd", [smbd, "-F", "--no-process-group", "-s", str(conf)], self.workdir)
+        proc = self.service.spawn()
+        wait_until(lambda: port_open(self.port), timeout, "Samba", proc, self.service.log_path)
+        return self
+
+    def stop(self) -> None:
+        if self.service:
+            self.service.stop(grace=5)
+
+
+# -- Prefect ------------------------------------------------------------------------------------------
+def prefect_env(home: Path, port: int, retention_days: int = 7, event_retention_days: int = 2) -> dict[str, str]:
+    """Environment for the embedded Prefect server and for every client (worker, CLI) that talks to it."""
+    return {
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
+        # Bounded database: old runs and events are deleted.
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(retention_days * 86400),
+        "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": str(event_retention_days * 86400),
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "1",
+        # Workers: poll every second, fetch only runs due now, so that a fast schedule is not over-fetched.
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+    }
+
+
+@dataclass
+class PrefectServer:
+    home: Path
+    port: int
+    retention_days: int = 7
+    event_retention_days: int = 2
+    service: Service | None = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return prefect_env(self.home, self.port, self.retention_days, self.event_retention_days)
+
+    def start(self, timeout: float = 120) -> PrefectServer:
+        self.home.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.service = Service("prefect-server", argv, self.home, self.env)
+        proc = self.service.spawn()
+        wait_until(lambda: httpx.get(self.api_url + "/health", timeout=2).status_code == 200, timeout,
+                   "Prefect server", proc, self.service.log_path)  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        if self.service:
+            self.service.stop(grace=15)
+
+
+@dataclass
+class PrefectWorker:
+    home: Path
+    env: dict[str, str]
+    pool: str
+    name: str = "owf-worker"
+    service: Service | None = None
+
+    def start(self) -> PrefectWorker:
+        argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", self.pool, "--type", "process",
+                "--name", self.name]  # fmt: skip
+        self.service = Service(f"worker-{self.name}", argv, self.home, self.env)
+        self.service.spawn()
+        return self
+
+    def stop(self) -> None:
+        if self.service:
+            # A worker asked to stop can keep finishing runs for a minute; the runs are its children
+            # in its process group, so the group is killed after a short grace.
+            self.service.stop(grace=10)

@@ -1,0 +1,135 @@
+"""A small client for the parts of Orthanc's REST API this project uses (httpx).
+
+Transport errors and HTTP statuses are translated at this boundary: an upload returns an ``UploadAnswer``
+value (see ``tasks.orthanc_answers``); other calls raise the ``OrthancError`` tree. Settings and the
+transport are arguments, so tests can point the client anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpx
+
+from tasks.config import SiteConfig
+from tasks.errors import OrthancAuthError, OrthancError, OrthancUnavailable
+from tasks.orthanc_answers import UploadAnswer, Verdict, judge_upload
+from tasks.secrets import resolve_password
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+class OrthancClient:
+    def __init__(
+        self,
+        url: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        verify: bool | str = True,
+        timeout: float = 60.0,
+        max_connections: int = 8,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        auth = httpx.BasicAuth(username, password or "") if username else None
+        self._http = httpx.Client(
+            base_url=self.url,
+            auth=auth,
+            verify=verify,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> OrthancClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- generic ---------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self._http.request(method, path, **kw)
+        except httpx.TransportError as e:
+            raise OrthancUnavailable(f"Orthanc at {self.url} unreachable: {_first_line(e)}") from e
+        if r.status_code in (401, 403):
+            raise OrthancAuthError(f"Orthanc at {self.url} refused our credentials (HTTP {r.status_code})")
+        if r.status_code >= 500:
+            raise OrthancUnavailable(f"Orthanc at {self.url} answered HTTP {r.status_code} to {method} {path}")
+        return r
+
+    def get_json(self, path: str, **params: Any) -> Any:
+        r = self._request("GET", path, params=params or None)
+        if r.status_code != 200:
+            raise OrthancError(f"Orthanc answered HTTP {r.status_code} to GET {path}")
+        return r.json()
+
+    def system(self) -> dict[str, Any]:
+        """``GET /system``: name, version, API version. Raises OrthancUnavailable/OrthancAuthError."""
+        return self.get_json("/system")
+
+    # -- ingest ----------------------------------------------------------------------------------------
+    def upload(self, content: bytes | Iterable[bytes], length: int, looks_like_dicom: bool = False) -> UploadAnswer:
+        """``POST /instances`` with one DICOM file. Never raises for Orthanc's or the network's sake:
+        an unreachable Orthanc is an ``UNAVAILABLE`` answer."""
+        body: bytes | Iterator[bytes] = content if isinstance(content, bytes) else iter(content)
+        headers = {"Content-Type": "application/dicom", "Content-Length": str(length), "Expect": ""}
+        try:
+            r = self._http.post("/instances", content=body, headers=headers)
+        except httpx.TransportError as e:
+            return UploadAnswer(Verdict.UNAVAILABLE, reason=f"Orthanc at {self.url} unreachable: {_first_line(e)}")
+        return judge_upload(r.status_code, r.content, looks_like_dicom)
+
+    def set_instance_metadata(self, instance_id: str, name: str, value: str) -> None:
+        """``PUT /instances/{id}/metadata/{name}``. The name must be declared in Orthanc's UserMetadata."""
+        r = self._request("PUT", f"/instances/{instance_id}/metadata/{name}", content=value.encode("utf-8"))
+        if r.status_code == 200:
+            return
+        detail = _orthanc_status(r)
+        if r.status_code == 404 and detail == 7:
+            raise OrthancError(
+                f"Orthanc at {self.url} does not know the metadata {name!r}: add "
+                f'"UserMetadata": {{"{name}": 1024}} to its configuration (or set orthanc.source_metadata '
+                "to a name it declares)"
+            )
+        raise OrthancError(f"Orthanc answered HTTP {r.status_code} when setting metadata {name!r}")
+
+    def attachment_md5(self, instance_id: str) -> str | None:
+        """MD5 of the file Orthanc stored for an instance, or None when Orthanc keeps no MD5."""
+        r = self._request("GET", f"/instances/{instance_id}/attachments/dicom/md5")
+        if r.status_code != 200:
+            return None
+        return r.text.strip().strip('"') or None
+
+
+def _orthanc_status(r: httpx.Response) -> int | None:
+    try:
+        doc = json.loads(r.content)
+    except ValueError:
+        return None
+    status = doc.get("OrthancStatus") if isinstance(doc, dict) else None
+    return status if isinstance(status, int) else None
+
+
+def client_from_config(cfg: SiteConfig, *, max_connections: int = 8) -> OrthancClient:
+    """The client for the configured Orthanc, with its password resolved (env or Secret block)."""
+    o = cfg.orthanc
+    verify: bool | str = str(o.ca_bundle) if o.ca_bundle else o.verify_tls
+    return OrthancClient(
+        cfg.orthanc_url,
+        username=o.username,
+        password=resolve_password(o, "Orthanc"),
+        verify=verify,
+        timeout=o.timeout_seconds,
+        max_connections=max_connections,
+    )

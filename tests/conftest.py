@@ -1,0 +1,82 @@
+"""Fixtures that start the real servers (Orthanc, Samba, Prefect) on loopback, on free ports.
+
+They use the project's own launchers (stack.services), stop every process by PID, and keep their state in
+pytest's temporary folders.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from stack.services import OrthancServer, PrefectServer, SambaServer, free_port
+
+CASES = Path(__file__).parent / "data" / "cases"
+
+
+@pytest.fixture(scope="session")
+def cases() -> Path:
+    return CASES
+
+
+@pytest.fixture(scope="session")
+def orthanc_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), free_port(), free_port(), stable_age=2)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def orthanc(orthanc_server: OrthancServer) -> OrthancServer:
+    """The session's Orthanc, emptied before the test."""
+    for patient in httpx.get(orthanc_server.url + "/patients", timeout=10).json():
+        httpx.delete(f"{orthanc_server.url}/patients/{patient}", timeout=30).raise_for_status()
+    return orthanc_server
+
+
+@pytest.fixture
+def own_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    """An Orthanc of the test's own, for tests that stop and restart it."""
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), free_port(), free_port(), stable_age=2)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def samba_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaServer]:
+    server = SambaServer(tmp_path_factory.mktemp("samba"), free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def samba(samba_server: SambaServer) -> Iterator[SambaServer]:
+    """The session's Samba server with an empty share folder."""
+    for child in samba_server.share_dir.iterdir():
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    yield samba_server
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A real Prefect server (SQLite) for the whole session; the test process talks to it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = PrefectServer(tmp_path_factory.mktemp("prefect"), free_port())
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        os.environ["PREFECT_API_URL"] = server.api_url
+        yield server
+    server.stop()
+
+
+def orthanc_instances(server: OrthancServer) -> list[str]:
+    return httpx.get(server.url + "/instances", timeout=10).json()
