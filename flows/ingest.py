@@ -50,7 +50,15 @@ def share_lock(share: str, wait_seconds: float):
 
     name = ensure_share_limit(share)
     try:
-        ctx = concurrency(name, occupy=1, timeout_seconds=wait_seconds, strict=True, lease_duration=60)
+        ctx = concurrency(
+            name,
+            occupy=1,
+            timeout_seconds=wait_seconds,
+            strict=True,
+            lease_duration=60,
+            # a brief Prefect server outage must not kill a sweep in the middle of a batch
+            raise_on_lease_renewal_failure=False,
+        )
         ctx.__enter__()
     except TimeoutError:
         yield False

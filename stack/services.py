@@ -274,8 +274,8 @@ def prefect_env(home: Path, port: int, retention_days: int = 7, event_retention_
         "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
         # Bounded database: old runs and events are deleted.
         "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
-        "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": str(retention_days * 86400),
-        "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": str(event_retention_days * 86400),
+        "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": f"P{retention_days}D",
+        "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": f"P{event_retention_days}D",
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "1",
         # Workers: poll every second, fetch only runs due now, so that a fast schedule is not over-fetched.
         "PREFECT_WORKER_QUERY_SECONDS": "1",

@@ -313,15 +313,31 @@ class SmbShare:
 
     def scan(self, skip_folder: str) -> list[Entry]:
         out: list[Entry] = []
-        with self._translate(""):
-            import smbclient
+        import smbclient
 
-            # Listing the root first turns a missing folder into a clear error rather than an empty scan.
-            with smbclient.scandir(self._root, **self._kw) as it:
+        # Listing the root first turns a missing share or folder into a clear error, not an empty scan.
+        try:
+            with self._translate(""), smbclient.scandir(self._root, **self._kw) as it:
                 for _ in it:
                     break
+        except FileGone:
+            raise self._missing_root() from None
+        with self._translate(""):
             self._walk(self._root, skip_folder, out, "")
         return out
+
+    def _missing_root(self) -> ShareConfigError:
+        import smbclient
+
+        try:
+            share_root = f"\\\\{self._cfg.server}\\{self._cfg.share}"
+            with self._translate(""), smbclient.scandir(share_root, **self._kw) as it:
+                next(iter(it), None)
+        except (FileGone, ShareConfigError):
+            return ShareConfigError(
+                f"share {self.name!r}: server {self._cfg.server} has no share named {self._cfg.share!r}"
+            )
+        return ShareConfigError(f"share {self.name!r}: folder {self._cfg.folder!r} does not exist in {self.describe()}")
 
     def stat(self, path: str) -> Entry:
         import smbclient

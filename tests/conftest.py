@@ -8,15 +8,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from stack.services import OrthancServer, PrefectServer, SambaServer, free_port
+from stack.services import OrthancServer, PrefectServer, SambaServer, free_port, prefect_env
 
 CASES = Path(__file__).parent / "data" / "cases"
+
+# Prefect reads its settings when it is first imported, and threads started by tests do not inherit a
+# temporary settings context. So the test session's Prefect server gets its port and home now, before
+# anything imports prefect; the prefect_server fixture starts it there.
+_PREFECT_PORT = free_port()
+_PREFECT_HOME = Path(tempfile.mkdtemp(prefix="owf-test-prefect-"))
+os.environ.update(prefect_env(_PREFECT_HOME, _PREFECT_PORT))
+os.environ.setdefault("OWF_TEST_SMB_PASSWORD", "unused: tests pass the password directly")
 
 
 @pytest.fixture(scope="session")
@@ -66,16 +75,13 @@ def samba(samba_server: SambaServer) -> Iterator[SambaServer]:
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    """A real Prefect server (SQLite) for the whole session; the test process talks to it."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server = PrefectServer(tmp_path_factory.mktemp("prefect"), free_port())
+def prefect_server() -> Iterator[PrefectServer]:
+    """A real Prefect server (SQLite) for the whole session, at the address set above."""
+    server = PrefectServer(_PREFECT_HOME, _PREFECT_PORT)
     server.start()
-    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
-        os.environ["PREFECT_API_URL"] = server.api_url
-        yield server
+    yield server
     server.stop()
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
 def orthanc_instances(server: OrthancServer) -> list[str]:
