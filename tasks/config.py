@@ -26,7 +26,7 @@ from tasks.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "OWF__"
-SHARE_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
+SHARE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,40}")
 
 # Names that operating systems and office programs leave in shared folders. They are never uploaded and
 # never moved: an operator expects them to stay where they are.
@@ -134,10 +134,14 @@ class IngestSettings(_Strict):
     @field_validator("quarantine_folder")
     @classmethod
     def _relative(cls, v: str) -> str:
-        parts = [p for p in re.split(r"[\\/]", v) if p]
-        if not parts or ".." in parts:
-            raise ValueError("quarantine_folder must be a folder name inside the share, e.g. .quarantine")
-        return "/".join(parts)
+        return _quarantine_folder(v)
+
+
+def _quarantine_folder(v: str) -> str:
+    parts = [p for p in re.split(r"[\\/]", v) if p]
+    if not parts or ".." in parts:
+        raise ValueError("quarantine_folder must be a folder name inside the share, e.g. .quarantine")
+    return "/".join(parts)
 
 
 class IngestOverrides(_Strict):
@@ -153,6 +157,11 @@ class IngestOverrides(_Strict):
     ignore: list[str] | None = None
     conflict_policy: Literal["warn", "quarantine"] | None = None
 
+    @field_validator("quarantine_folder")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        return None if v is None else _quarantine_folder(v)
+
 
 class _ShareBase(Credentials):
     name: str = Field(description="Lower-case name; the deployment is called ingest-<name>.")
@@ -165,7 +174,7 @@ class _ShareBase(Credentials):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not SHARE_NAME.match(v):
+        if not SHARE_NAME.fullmatch(v):
             raise ValueError("share name must be lower-case letters, digits and dashes (e.g. ct-room1)")
         return v
 
@@ -209,6 +218,17 @@ class SiteConfig(_Strict):
     shares: list[ShareConfig] | None = Field(
         None, description="Default: one local share 'inbox' at <data_dir>/inbox with source INBOX."
     )
+
+    @field_validator("shares", mode="before")
+    @classmethod
+    def _default_kind(cls, v: Any) -> Any:
+        # kind may be left out: a share with a server is SMB, one with a path is a local folder
+        if isinstance(v, list):
+            return [
+                {**s, "kind": "smb" if "server" in s else "local"} if isinstance(s, dict) and "kind" not in s else s
+                for s in v
+            ]
+        return v
 
     @model_validator(mode="after")
     def _unique_share_names(self) -> SiteConfig:
@@ -258,6 +278,8 @@ def _set_path(data: dict[str, Any], keys: list[str], value: str) -> None:
     node: Any = data
     for i, key in enumerate(keys[:-1]):
         if key == "shares":
+            if len(keys) < i + 3:
+                raise ConfigError(f"environment override OWF__{'__'.join(keys).upper()} names no setting of the share")
             share_name = keys[i + 1].replace("_", "-")
             shares = node.setdefault("shares", [])
             match = next((s for s in shares if isinstance(s, dict) and s.get("name") == share_name), None)

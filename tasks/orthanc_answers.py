@@ -8,7 +8,7 @@ Orthanc answered                       verdict              what happens to the 
 200, Status Success                    STORED               deleted
 200, Status AlreadyStored              ALREADY_STORED       deleted (content compared, warned)
 200, Status FilteredOut                REJECTED             quarantined: a filter refused it
-400 OrthancStatus 15 Bad file format   REJECTED             quarantined: not DICOM
+400 OrthancStatus 15 Bad file format   REJECTED             quarantined: not DICOM (JSON body only)
 400 other OrthancStatus (3, ...)       REJECTED             quarantined: corrupt DICOM
 404 Inexistent tag, 415, 422           REJECTED             quarantined: required tag missing
 401, 403                               AUTH                 kept; run fails: credentials
@@ -93,12 +93,20 @@ def judge_single(http_status: int, doc: Any, looks_like_dicom: bool = False) -> 
     if http_status in (401, 403):
         return UploadAnswer(Verdict.AUTH, reason=f"Orthanc refused our credentials (HTTP {http_status})")
     if http_status in _CONTENT_REJECTED:
+        if not isinstance(doc, dict):
+            # Not Orthanc's JSON error: a proxy or another server answered. The file is not to blame.
+            return UploadAnswer(
+                Verdict.UNAVAILABLE, reason=f"HTTP {http_status} without an Orthanc error body (a proxy in between?)"
+            )
         reason, orthanc_status = _error_reason(http_status, doc, looks_like_dicom)
         return UploadAnswer(Verdict.REJECTED, reason=reason, orthanc_status=orthanc_status)
     if http_status >= 500:
-        reason, orthanc_status = _error_reason(http_status, doc)
+        message = doc.get("Message") or doc.get("OrthancError") if isinstance(doc, dict) else None
+        status = doc.get("OrthancStatus") if isinstance(doc, dict) else None
         return UploadAnswer(
-            Verdict.UNAVAILABLE, reason=f"Orthanc error HTTP {http_status}: {reason}", orthanc_status=orthanc_status
+            Verdict.UNAVAILABLE,
+            reason=f"Orthanc error HTTP {http_status}" + (f": {message}" if message else ""),
+            orthanc_status=status if isinstance(status, int) else None,
         )
     return UploadAnswer(Verdict.UNAVAILABLE, reason=f"Orthanc answered HTTP {http_status}")
 

@@ -40,8 +40,9 @@ class Share(Protocol):
         """Where the share is, for messages (never includes credentials)."""
         ...
 
-    def scan(self, skip_folder: str) -> list[Entry]:
-        """Every regular file below the root, recursively, except those under ``skip_folder``."""
+    def scan(self, skip_folder: str, under: str = "") -> list[Entry]:
+        """Every regular file below the root (or below the folder ``under``), recursively, except those
+        under ``skip_folder``. Paths are relative to the root."""
         ...
 
     def stat(self, path: str) -> Entry:
@@ -92,12 +93,12 @@ class LocalShare:
     def _abs(self, path: str) -> Path:
         return self.root / _check_relative(path)
 
-    def scan(self, skip_folder: str) -> list[Entry]:
+    def scan(self, skip_folder: str, under: str = "") -> list[Entry]:
         if not self.root.is_dir():
             raise ShareConfigError(f"share {self.name!r}: folder {self.root} does not exist or is not a folder")
         out: list[Entry] = []
         skip = self.root / skip_folder
-        stack = [self.root]
+        stack = [self._abs(under) if under else self.root]
         while stack:
             folder = stack.pop()
             try:
@@ -311,7 +312,7 @@ class SmbShare:
                 info = d.smb_info  # not d.stat(): it forgets the port and dials 445
                 out.append(Entry(rel_path, int(info.end_of_file), info.last_write_time.timestamp()))
 
-    def scan(self, skip_folder: str) -> list[Entry]:
+    def scan(self, skip_folder: str, under: str = "") -> list[Entry]:
         out: list[Entry] = []
         import smbclient
 
@@ -323,7 +324,10 @@ class SmbShare:
         except FileGone:
             raise self._missing_root() from None
         with self._translate(""):
-            self._walk(self._root, skip_folder, out, "")
+            if under:
+                self._walk(self._abs(under), skip_folder, out, under)
+            else:
+                self._walk(self._root, skip_folder, out, "")
         return out
 
     def _missing_root(self) -> ShareConfigError:

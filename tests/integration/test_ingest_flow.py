@@ -61,9 +61,8 @@ def test_flow_uploads_a_file_only_once_it_is_complete(prefect_server, orthanc, t
 
 
 def test_flow_fails_with_a_clear_reason_when_orthanc_is_down_and_keeps_files(prefect_server, tmp_path):
-    from stack.services import free_port
-
     from flows.ingest import ingest_share
+    from stack.services import free_port
 
     inbox = tmp_path / "inbox"
     files = write_ct_series(inbox, 3)

@@ -234,7 +234,7 @@ def test_share_source(source, ok):
             {"shares": [{"kind": "smb", "name": "x", "source": "X", "share": "s"}]},
             ("shares.0", "server"),
             id="smb-server",
-        ),  # fmt: skip
+        ),
         pytest.param({"shares": [{"kind": "ftp", "name": "x", "source": "X"}]}, ("shares.0",), id="unknown-kind"),
         pytest.param({"orthanc": {"timeout_seconds": 0}}, ("orthanc.timeout_seconds",), id="timeout-zero"),
         pytest.param({"local_orthanc": {"http_port": 70000}}, ("local_orthanc.http_port",), id="port"),
@@ -245,13 +245,13 @@ def test_share_source(source, ok):
             {"ingest": {"quarantine_folder": "../outside"}},
             ("ingest.quarantine_folder", "inside the share"),
             id="quarantine-dotdot",
-        ),  # fmt: skip
+        ),
         pytest.param({"ingest": {"quarantine_folder": "/"}}, ("ingest.quarantine_folder",), id="quarantine-root"),
         pytest.param(
             {"shares": [local(ingest={"min_age_seconds": -1})]},
             ("shares.0", "min_age_seconds"),
             id="share-override-range",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_values_are_reported_with_their_path(data, fragments):
@@ -335,46 +335,46 @@ ENV_OVERRIDES = [
     pytest.param({"OWF__INGEST__MIN_AGE_SECONDS": "3.5"}, lambda c: c.ingest.min_age_seconds, 3.5, id="ingest"),
     pytest.param(
         {"OWF__LOCAL_ORTHANC__HTTP_PORT": "9000"}, lambda c: c.orthanc_url, "http://old:8042", id="new-section-key"
-    ),  # fmt: skip
+    ),
     pytest.param(
         {"OWF__SHARES__CT_ROOM1__FOLDER": "incoming"},
         lambda c: c.share("ct-room1").folder,
         "incoming",
         id="share-by-name",
-    ),  # fmt: skip
+    ),
     pytest.param(
         {"OWF__SHARES__CT_ROOM1__FOLDER": "incoming"},
         lambda c: c.share("mr").path,
         Path("/srv/mr"),
         id="other-share-untouched",
-    ),  # fmt: skip
+    ),
     pytest.param(
         {"OWF__SHARES__MR__PATH": "/mnt/mr"}, lambda c: c.share("mr").path, Path("/mnt/mr"), id="local-share-path"
-    ),  # fmt: skip
+    ),
     pytest.param(
         {"OWF__SHARES__CT_ROOM1__PASSWORD_ENV": "CT_PW"},
         lambda c: c.share("ct-room1").password_env,
         "CT_PW",
         id="share-password-env",
-    ),  # fmt: skip
+    ),
     pytest.param(
         {"OWF__SHARES__CT_ROOM1__INGEST__MIN_AGE_SECONDS": "10"},
         lambda c: c.share("ct-room1").ingest.min_age_seconds,
         10.0,
         id="share-ingest-override",
-    ),  # fmt: skip
+    ),
     pytest.param(
         {"OWF__SHARES__CT_ROOM1__INGEST__MIN_AGE_SECONDS": "10"},
         lambda c: c.ingest_for(c.share("ct-room1")).min_age_seconds,
         10.0,
         id="share-ingest-merged",
-    ),  # fmt: skip
+    ),
     pytest.param(
         {"HOME": "/root", "OWF_X": "1", "XOWF__ORTHANC__URL": "x"},
         lambda c: c.orthanc.url,
         "http://old:8042",
         id="other-variables-ignored",
-    ),  # fmt: skip
+    ),
     pytest.param({"OWF_DATA_DIR": "/var/owf"}, lambda c: c.data_dir, Path("/var/owf"), id="owf-data-dir"),
     pytest.param({"OWF__DATA_DIR": "/var/owf2"}, lambda c: c.data_dir, Path("/var/owf2"), id="data-dir-override"),
 ]
@@ -617,3 +617,52 @@ def test_a_full_config_file_round_trips(tmp_path):
     assert (ct.server, ct.share, ct.username, ct.password_secret_block) == ("fs01", "modality", "svc", "ct-room1-pw")
     assert cfg.share("inbox").path == tmp_path / "inbox"
     assert cfg.ingest_for(ct).min_age_seconds == 2.0
+
+
+@pytest.mark.parametrize("folder", ["../../etc", "..", "/", "a/../../b"])
+def test_per_share_quarantine_folder_must_stay_inside_the_share(folder):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"shares": [{"kind": "local", "name": "ct", "source": "CT", "path": "/srv/ct",
+                                  "ingest": {"quarantine_folder": folder}}]})  # fmt: skip
+    assert "quarantine_folder" in str(err.value)
+
+
+def test_per_share_quarantine_folder_is_normalised():
+    cfg = parse_config({"shares": [{"name": "ct", "source": "CT", "path": "/srv/ct",
+                                    "ingest": {"quarantine_folder": "a\\b/"}}]})  # fmt: skip
+    assert cfg.ingest_for(cfg.share("ct")).quarantine_folder == "a/b"
+
+
+@pytest.mark.parametrize("name", ["ct\n", "ct\nx", " ct", "ct "])
+def test_share_names_with_line_breaks_or_spaces_are_rejected(name):
+    with pytest.raises(ConfigError):
+        parse_config({"shares": [{"kind": "local", "name": name, "source": "CT", "path": "/srv/ct"}]})
+
+
+def test_env_override_naming_a_share_but_no_setting_is_a_config_error():
+    data = {"shares": [{"kind": "local", "name": "ct-room1", "source": "CT", "path": "/srv"}]}
+    with pytest.raises(ConfigError) as err:
+        apply_env_overrides(data, {"OWF__SHARES__CT_ROOM1": "x"})
+    assert "names no setting" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "share, kind",
+    [({"name": "a", "source": "A", "path": "/srv/a"}, "local"),
+     ({"name": "b", "source": "B", "server": "fs1", "share": "dicom"}, "smb")],
+)  # fmt: skip
+def test_share_kind_may_be_left_out(share, kind):
+    assert parse_config({"shares": [share]}).all_shares[0].kind == kind
+
+
+def test_the_documented_example_config_is_valid_and_complete():
+    """deployments/site.example.yaml documents every key: it must parse, and name every setting there is."""
+    from tasks.config import PROJECT_ROOT, IngestSettings, LocalOrthancConfig, OrthancConfig, PrefectConfig
+
+    path = PROJECT_ROOT / "deployments" / "site.example.yaml"
+    cfg = load_config(path, environ={})
+    assert [s.name for s in cfg.all_shares] == ["inbox", "ct-room1"]
+    doc = yaml.safe_load(path.read_text())
+    for section, model in [("orthanc", OrthancConfig), ("local_orthanc", LocalOrthancConfig),
+                           ("prefect", PrefectConfig), ("ingest", IngestSettings)]:  # fmt: skip
+        assert set(doc[section]) == set(model.model_fields), section

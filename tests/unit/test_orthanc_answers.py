@@ -58,10 +58,10 @@ ANSWERS = [
     pytest.param(200, body(success("FilteredOut")), True, V.REJECTED, ["filter"], None, id="200-filtered-out"),
     pytest.param(
         200, body(success("Mystery")), True, V.UNAVAILABLE, ["unknown status", "Mystery"], None, id="200-unknown-status"
-    ),  # fmt: skip
+    ),
     pytest.param(
         200, body({"ID": INSTANCE}), True, V.UNAVAILABLE, ["unknown status", "None"], None, id="200-no-status"
-    ),  # fmt: skip
+    ),
     pytest.param(200, body([success("Success")]), True, V.STORED, [], None, id="200-list-of-one-success"),
     pytest.param(200, body([success("AlreadyStored")]), True, V.ALREADY_STORED, [], None, id="200-list-of-one-dupe"),
     pytest.param(
@@ -72,7 +72,7 @@ ANSWERS = [
         ["2 instances"],
         None,
         id="200-list-of-two",
-    ),  # fmt: skip
+    ),
     pytest.param(200, body([]), True, V.REJECTED, ["0 instances"], None, id="200-empty-list"),
     pytest.param(200, body(["x"]), True, V.UNAVAILABLE, ["without a JSON object"], None, id="200-list-of-string"),
     pytest.param(200, b"<html>OK</html>", True, V.UNAVAILABLE, ["without a JSON object"], None, id="200-not-json"),
@@ -87,7 +87,7 @@ ANSWERS = [
         ["not a DICOM file", "Bad file format", "Cannot parse an invalid DICOM file (size: 512 bytes)"],
         15,
         id="400-bad-file-format-not-dicom",
-    ),  # fmt: skip
+    ),
     pytest.param(
         400,
         body(BAD_FORMAT),
@@ -96,7 +96,7 @@ ANSWERS = [
         ["damaged DICOM file", "Bad file format", "size: 512 bytes"],
         15,
         id="400-bad-file-format-looks-like-dicom",
-    ),  # fmt: skip
+    ),
     pytest.param(
         400,
         body(OUT_OF_RANGE),
@@ -105,7 +105,7 @@ ANSWERS = [
         ["corrupt or unsupported", "Parameter out of range"],
         3,
         id="400-parameter-out-of-range",
-    ),  # fmt: skip
+    ),
     pytest.param(
         400,
         body(OUT_OF_RANGE),
@@ -114,11 +114,11 @@ ANSWERS = [
         ["corrupt or unsupported", "Parameter out of range"],
         3,
         id="400-parameter-out-of-range-not-dicom",
-    ),  # fmt: skip
+    ),
     pytest.param(400, body([BAD_FORMAT]), False, V.REJECTED, ["not a DICOM file"], 15, id="400-list-of-one"),
     pytest.param(
         404, body(INEXISTENT_TAG), True, V.REJECTED, ["lacks a tag", "Inexistent tag"], 21, id="404-inexistent-tag"
-    ),  # fmt: skip
+    ),
     pytest.param(
         415,
         body(orthanc_error(415, 9, "Unsupported media type")),
@@ -127,7 +127,7 @@ ANSWERS = [
         ["Unsupported media type"],
         9,
         id="415",
-    ),  # fmt: skip
+    ),
     pytest.param(422, body({"Message": "Unprocessable"}), True, V.REJECTED, ["Unprocessable"], None, id="422"),
     pytest.param(401, b"", True, V.AUTH, ["credentials", "401"], None, id="401-empty"),
     pytest.param(401, b"<html>Unauthorized</html>", True, V.AUTH, ["credentials", "401"], None, id="401-html"),
@@ -144,7 +144,7 @@ ANSWERS = [
         ["503", "Service Unavailable"],
         None,
         id="503-json",
-    ),  # fmt: skip
+    ),
     pytest.param(429, b"Too Many Requests", True, V.UNAVAILABLE, ["429"], None, id="429"),
     pytest.param(405, body({"Message": "Method not allowed"}), True, V.UNAVAILABLE, ["405"], None, id="405"),
     pytest.param(408, b"", True, V.UNAVAILABLE, ["408"], None, id="408"),
@@ -220,20 +220,30 @@ def test_rejection_reason_is_at_most_500_characters():
         (200, success("Success"), False, V.STORED, ""),
         (200, None, False, V.UNAVAILABLE, "Orthanc answered 2xx without a JSON object"),
         (200, [success("Success")], False, V.UNAVAILABLE, "Orthanc answered 2xx without a JSON object"),
-        (400, BAD_FORMAT, False, V.REJECTED,
-         "not a DICOM file (Orthanc: Bad file format; Cannot parse an invalid DICOM file (size: 512 bytes))"),
-        (400, BAD_FORMAT, True, V.REJECTED,
-         "damaged DICOM file (truncated, or an encoding Orthanc cannot parse) "
-         "(Orthanc: Bad file format; Cannot parse an invalid DICOM file (size: 512 bytes))"),
+        (
+            400,
+            BAD_FORMAT,
+            False,
+            V.REJECTED,
+            "not a DICOM file (Orthanc: Bad file format; Cannot parse an invalid DICOM file (size: 512 bytes))",
+        ),
+        (
+            400,
+            BAD_FORMAT,
+            True,
+            V.REJECTED,
+            "damaged DICOM file (truncated, or an encoding Orthanc cannot parse) "
+            "(Orthanc: Bad file format; Cannot parse an invalid DICOM file (size: 512 bytes))",
+        ),
         (400, OUT_OF_RANGE, True, V.REJECTED, "corrupt or unsupported DICOM file (Orthanc: Parameter out of range)"),
         (404, INEXISTENT_TAG, True, V.REJECTED, "DICOM file lacks a tag Orthanc requires (Orthanc: Inexistent tag)"),
         (400, {"OrthancStatus": "15"}, False, V.REJECTED, "corrupt or unsupported DICOM file (Orthanc: HTTP 400)"),
         (401, None, False, V.AUTH, "Orthanc refused our credentials (HTTP 401)"),
         (403, None, False, V.AUTH, "Orthanc refused our credentials (HTTP 403)"),
-        (503, None, False, V.UNAVAILABLE, "Orthanc error HTTP 503: HTTP 503"),
+        (503, None, False, V.UNAVAILABLE, "Orthanc error HTTP 503"),
         (429, None, False, V.UNAVAILABLE, "Orthanc answered HTTP 429"),
     ],
-)  # fmt: skip
+)
 def test_judge_single_exact_reasons(http, doc, looks_like_dicom, verdict, reason):
     answer = judge_single(http, doc, looks_like_dicom)
     assert (answer.verdict, answer.reason) == (verdict, reason)
@@ -261,3 +271,17 @@ def test_confirmed_only_when_orthanc_holds_the_instance(verdict, confirmed):
 
 def test_every_verdict_is_in_the_confirmed_table():
     assert {v for v in Verdict if UploadAnswer(v).confirmed} == {V.STORED, V.ALREADY_STORED}
+
+
+@pytest.mark.parametrize("http", [400, 404, 415, 422])
+@pytest.mark.parametrize("raw", [b"<html>Bad Gateway</html>", b"", b"[1, 2"])
+def test_content_errors_without_an_orthanc_json_body_keep_the_file(http, raw):
+    """A proxy's HTML error page says nothing about the file: never quarantine on it."""
+    answer = judge_upload(http, raw, True)
+    assert answer.verdict is V.UNAVAILABLE and "proxy" in answer.reason
+
+
+def test_a_500_does_not_blame_the_file():
+    answer = judge_upload(500, body(INTERNAL), True)
+    assert answer.verdict is V.UNAVAILABLE
+    assert answer.reason == "Orthanc error HTTP 500: Internal error"

@@ -1,0 +1,112 @@
+"""Create the Prefect deployments from ``prefect.yaml`` and the site config.
+
+``prefect.yaml`` holds the deployment templates (entrypoint, description, tags, pool, schedule). The site
+config says which shares exist. Shares come and go in the site config; this module makes one
+``ingest-<share>`` deployment per share from the ingest template and removes ingest deployments of shares
+that are no longer configured.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.config import PROJECT_ROOT, SiteConfig
+
+INGEST_ENTRYPOINT = "flows/ingest.py:ingest_share"
+
+
+def load_prefect_yaml(path: Path | None = None) -> dict[str, Any]:
+    return yaml.safe_load((path or PROJECT_ROOT / "prefect.yaml").read_text())
+
+
+def ingest_template(doc: dict[str, Any]) -> dict[str, Any]:
+    for d in doc.get("deployments", []):
+        if d.get("entrypoint") == INGEST_ENTRYPOINT:
+            return d
+    raise ValueError(f"prefect.yaml has no deployment with entrypoint {INGEST_ENTRYPOINT}")
+
+
+def planned_deployments(cfg: SiteConfig, doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deployments to create: the template expanded per share, other entries as they are. Pure."""
+    template = ingest_template(doc)
+    out = []
+    for share in cfg.all_shares:
+        settings = cfg.ingest_for(share)
+        out.append(
+            {
+                "name": f"ingest-{share.name}",
+                "entrypoint": INGEST_ENTRYPOINT,
+                "description": template.get("description", ""),
+                "tags": ["ingest", share.name, f"source:{share.source}"],
+                "parameters": {**template.get("parameters", {}), "share": share.name},
+                "work_pool": cfg.prefect.work_pool,
+                "interval": settings.window_seconds,
+            }
+        )
+    for d in doc.get("deployments", []):
+        if d.get("entrypoint") != INGEST_ENTRYPOINT:
+            schedules = d.get("schedules") or []
+            out.append(
+                {
+                    "name": d["name"],
+                    "entrypoint": d["entrypoint"],
+                    "description": d.get("description", ""),
+                    "tags": d.get("tags", []),
+                    "parameters": d.get("parameters", {}),
+                    "work_pool": cfg.prefect.work_pool,
+                    "interval": schedules[0].get("interval") if schedules else None,
+                }
+            )
+    return out
+
+
+def ensure_work_pool(name: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+
+
+def deploy_all(cfg: SiteConfig, project_root: Path = PROJECT_ROOT) -> list[str]:
+    """Create or update every deployment; delete ingest deployments of removed shares. Returns names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
+    from prefect.deployments.runner import RunnerDeployment
+
+    from tasks.prefect_limits import ensure_share_limit
+
+    ensure_work_pool(cfg.prefect.work_pool)
+    names = []
+    for plan in planned_deployments(cfg, load_prefect_yaml(project_root / "prefect.yaml")):
+        dep = RunnerDeployment.from_entrypoint(
+            str(project_root / plan["entrypoint"].split(":")[0]) + ":" + plan["entrypoint"].split(":")[1],
+            name=plan["name"],
+            interval=timedelta(seconds=plan["interval"]) if plan["interval"] else None,
+            parameters=plan["parameters"],
+            description=plan["description"],
+            tags=plan["tags"],
+            work_pool_name=plan["work_pool"],
+        )
+        dep._path = str(project_root)
+        dep.entrypoint = plan["entrypoint"]
+        dep.apply(work_pool_name=plan["work_pool"])
+        names.append(plan["name"])
+    for share in cfg.all_shares:
+        ensure_share_limit(share.name)
+    wanted = set(names)
+    with get_client(sync_client=True) as client:
+        for d in client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["ingest"]))
+        ):
+            if d.name.startswith("ingest-") and d.name not in wanted:
+                client.delete_deployment(d.id)
+    return names

@@ -1,0 +1,241 @@
+"""``owf``: run the stack, check a config, deploy, and look after the quarantine.
+
+owf up [--config FILE]           start Orthanc (embedded default), Prefect server, deployments, worker;
+                                 stays in the foreground; Ctrl-C (or ``owf down``) stops all of it
+owf down                         stop every process ``owf up`` started (by PID)
+owf check [--config FILE]        validate the config and try every connection; lists every problem
+owf deploy [--config FILE]       create/update the deployments (Prefect server must be running)
+owf quarantine list [SHARE]      list quarantined files with their reasons
+owf quarantine requeue SHARE [PATH ...] [--all]
+                                 move files back to where they came from, for the next sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from tasks.config import PROJECT_ROOT, SiteConfig, load_config
+from tasks.errors import ConfigError, WorkflowError
+
+
+def _prefect_environment(cfg: SiteConfig) -> dict[str, str]:
+    from stack.services import prefect_env
+
+    env = prefect_env(cfg.prefect_home, cfg.prefect.port, cfg.prefect.flow_run_retention_days,
+                      cfg.prefect.event_retention_days)  # fmt: skip
+    if os.environ.get("PREFECT_API_URL") and os.environ.get("OWF_EXTERNAL_PREFECT") == "1":
+        env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
+    env["OWF_PROJECT_DIR"] = str(PROJECT_ROOT)
+    env["OWF_DATA_DIR"] = str(cfg.data_dir)
+    return env
+
+
+def _use_prefect(cfg: SiteConfig) -> None:
+    """Point this process's Prefect client at the stack's server. Must run before prefect is imported."""
+    os.environ.update(_prefect_environment(cfg))
+
+
+def _load(args: argparse.Namespace) -> SiteConfig:
+    if args.config:
+        os.environ["OWF_CONFIG"] = str(Path(args.config).resolve())
+    return load_config(args.config)
+
+
+# -- up / down ------------------------------------------------------------------------------------------
+def _run_dir(cfg: SiteConfig) -> Path:
+    return cfg.data_dir / "run"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from stack.services import OrthancServer, PrefectServer, PrefectWorker, port_open
+
+    cfg = _load(args)
+    _use_prefect(cfg)
+    run = _run_dir(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    if any(run.glob("*.pid")):
+        cmd_down(args, quiet=True)
+    started: list = []
+
+    def stop_all(*_: object) -> None:
+        for svc in reversed(started):
+            print(f"stopping {type(svc).__name__}", flush=True)
+            svc.stop()
+        started.clear()
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop_all(), sys.exit(0)))
+    try:
+        for share in cfg.all_shares:
+            if share.kind == "local" and share.name == "inbox" and cfg.shares is None:
+                Path(share.path).mkdir(parents=True, exist_ok=True)
+        if cfg.embedded_orthanc:
+            lo = cfg.local_orthanc
+            if port_open(lo.http_port):
+                raise WorkflowError(f"port {lo.http_port} is taken: set local_orthanc.http_port to a free port")
+            orthanc = OrthancServer(run / "orthanc", lo.http_port, lo.dicom_port, lo.aet, lo.stable_age_seconds,
+                                    cfg.orthanc_storage_dir)  # fmt: skip
+            orthanc.start()
+            started.append(orthanc)
+            print(f"Orthanc        {orthanc.url}/app/explorer.html   (DICOM port {lo.dicom_port}, AET {lo.aet})")
+        if port_open(cfg.prefect.port):
+            raise WorkflowError(f"port {cfg.prefect.port} is taken: set prefect.port to a free port")
+        server = PrefectServer(cfg.prefect_home, cfg.prefect.port, cfg.prefect.flow_run_retention_days,
+                               cfg.prefect.event_retention_days)  # fmt: skip
+        print("starting the Prefect server (about 20 s on first start)...", flush=True)
+        server.start()
+        started.append(server)
+        print(f"Prefect UI     http://127.0.0.1:{cfg.prefect.port}")
+
+        from deployments.deploy import deploy_all
+
+        names = deploy_all(cfg)
+        print(f"deployments    {', '.join(names)}")
+        worker = PrefectWorker(run, {**server.env, **_prefect_environment(cfg)}, cfg.prefect.work_pool).start()
+        started.append(worker)
+        _sweep_now(cfg)
+        for share in cfg.all_shares:
+            where = share.path if share.kind == "local" else f"smb://{share.server}:{share.port}/{share.share}"
+            print(f"share          {share.name}: {where} (source {share.source})")
+        for svc in started:
+            if getattr(svc, "service", None) and svc.service.pid:
+                (run / f"{svc.service.name}.pid").write_text(str(svc.service.pid))
+        print("running; Ctrl-C or `owf down` stops everything", flush=True)
+        if args.detach:
+            started.clear()  # leave them running; `owf down` stops them by PID
+            return 0
+        while True:
+            for svc in started:
+                proc = svc.service.proc if svc.service else None
+                if proc is not None and proc.poll() is not None:
+                    raise WorkflowError(
+                        f"{svc.service.name} exited (code {proc.returncode}); see {svc.service.log_path}"
+                    )
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_all()
+
+
+def _sweep_now(cfg: SiteConfig) -> None:
+    """Start one ingest run per share right away: the scheduler would otherwise take up to a minute to
+    create the first one. Later scheduled runs wait for it to hand over (per-share lock)."""
+    from prefect.deployments import run_deployment
+
+    for share in cfg.all_shares:
+        run_deployment(f"ingest-share/ingest-{share.name}", parameters={"share": share.name}, timeout=0)
+
+
+def cmd_down(args: argparse.Namespace, quiet: bool = False) -> int:
+    from stack.services import stop_pid
+
+    cfg = _load(args)
+    run = _run_dir(cfg)
+    # Stop in reverse order of start: worker first, then the Prefect server, then Orthanc.
+    order = ["worker-owf-worker", "prefect-server", "orthanc"]
+    pids = sorted(run.glob("*.pid"), key=lambda p: order.index(p.stem) if p.stem in order else -1)
+    for pid_file in pids:
+        try:
+            pid = int(pid_file.read_text().strip())
+        except ValueError:
+            pid = 0
+        if pid:
+            if not quiet:
+                print(f"stopping {pid_file.stem} (pid {pid})")
+            stop_pid(pid)
+        pid_file.unlink(missing_ok=True)
+        for nested in pid_file.parent.glob(f"*/{pid_file.stem}.pid"):
+            nested.unlink(missing_ok=True)
+    if not pids and not quiet:
+        print("nothing to stop")
+    return 0
+
+
+# -- check ----------------------------------------------------------------------------------------------
+def cmd_check(args: argparse.Namespace) -> int:
+    from stack.checks import check_site
+
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        print(f"FAIL  {e}")
+        return 1
+    problems = check_site(cfg, print)
+    if problems:
+        print(f"\n{len(problems)} problem(s):")
+        for p in problems:
+            print(f"  - {p}")
+        return 1
+    print("\nconfiguration OK")
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _use_prefect(cfg)
+    from deployments.deploy import deploy_all
+
+    for name in deploy_all(cfg):
+        print(f"deployed {name}")
+    return 0
+
+
+# -- quarantine -----------------------------------------------------------------------------------------
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from stack.quarantine_admin import list_quarantine, requeue
+
+    cfg = _load(args)
+    if args.action == "list":
+        shares = [cfg.share(args.share)] if args.share else cfg.all_shares
+        total = 0
+        for share in shares:
+            for item in list_quarantine(cfg, share):
+                total += 1
+                print(f"{share.name}\t{item.kind}\t{item.original_path}\t{item.quarantined_at}\t{item.reason}")
+        print(f"{total} file(s) in quarantine", file=sys.stderr)
+        return 0
+    if not args.share:
+        print("requeue needs a share name", file=sys.stderr)
+        return 2
+    if not args.all and not args.paths:
+        print("name the files to requeue (original paths, as `owf quarantine list` shows) or --all", file=sys.stderr)
+        return 2
+    moved, problems = requeue(cfg, cfg.share(args.share), None if args.all else args.paths)
+    for m in moved:
+        print(f"requeued {m}")
+    for p in problems:
+        print(f"not requeued: {p}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="owf", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", help="site config YAML (default: $OWF_CONFIG, else the embedded default)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start the whole stack in the foreground")
+    up.add_argument("--detach", action="store_true", help="start and return; stop later with `owf down`")
+    sub.add_parser("down", help="stop what `owf up` started")
+    sub.add_parser("check", help="validate the config and test every connection")
+    sub.add_parser("deploy", help="create or update the Prefect deployments")
+    q = sub.add_parser("quarantine", help="list or requeue quarantined files")
+    q.add_argument("action", choices=["list", "requeue"])
+    q.add_argument("share", nargs="?")
+    q.add_argument("paths", nargs="*")
+    q.add_argument("--all", action="store_true")
+    args = parser.parse_args(argv)
+    handlers = {"up": cmd_up, "down": cmd_down, "check": cmd_check, "deploy": cmd_deploy,
+                "quarantine": cmd_quarantine}  # fmt: skip
+    try:
+        return handlers[args.command](args)
+    except WorkflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
