@@ -76,37 +76,57 @@ def ensure_work_pool(name: str) -> None:
             client.create_work_pool(WorkPoolCreate(name=name, type="process"))
 
 
+def _load_flow(entrypoint: str, project_root: Path):
+    from prefect.flows import load_flow_from_entrypoint
+
+    file, func = entrypoint.split(":")
+    return load_flow_from_entrypoint(f"{project_root / file}:{func}")
+
+
 def deploy_all(cfg: SiteConfig, project_root: Path = PROJECT_ROOT) -> list[str]:
-    """Create or update every deployment; delete ingest deployments of removed shares. Returns names."""
+    """Create or update every deployment; delete ingest deployments of removed shares. Returns names.
+
+    Workers run the code in place: the pull step sets the working directory to ``project_root`` (the
+    same path must hold a checkout of this project on every worker host), so nothing is copied per run.
+    """
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
-    from prefect.deployments.runner import RunnerDeployment
+    from prefect.client.schemas.schedules import IntervalSchedule
+    from prefect.utilities.callables import parameter_schema
 
     from tasks.prefect_limits import ensure_share_limit
 
     ensure_work_pool(cfg.prefect.work_pool)
+    pull = [{"prefect.deployments.steps.set_working_directory": {"directory": str(project_root)}}]
     names = []
-    for plan in planned_deployments(cfg, load_prefect_yaml(project_root / "prefect.yaml")):
-        dep = RunnerDeployment.from_entrypoint(
-            str(project_root / plan["entrypoint"].split(":")[0]) + ":" + plan["entrypoint"].split(":")[1],
-            name=plan["name"],
-            interval=timedelta(seconds=plan["interval"]) if plan["interval"] else None,
-            parameters=plan["parameters"],
-            description=plan["description"],
-            tags=plan["tags"],
-            work_pool_name=plan["work_pool"],
-        )
-        dep._path = str(project_root)
-        dep.entrypoint = plan["entrypoint"]
-        dep.apply(work_pool_name=plan["work_pool"])
-        names.append(plan["name"])
-    for share in cfg.all_shares:
-        ensure_share_limit(share.name)
-    wanted = set(names)
     with get_client(sync_client=True) as client:
-        for d in client.read_deployments(
-            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=["ingest"]))
-        ):
+        for plan in planned_deployments(cfg, load_prefect_yaml(project_root / "prefect.yaml")):
+            flow = _load_flow(plan["entrypoint"], project_root)
+            flow_id = client.create_flow_from_name(flow.name)
+            schedules = []
+            if plan["interval"]:
+                interval = IntervalSchedule(interval=timedelta(seconds=plan["interval"]))
+                schedules.append(DeploymentScheduleCreate(schedule=interval, active=True, slug="window"))
+            client.create_deployment(
+                flow_id=flow_id,
+                name=plan["name"],
+                schedules=schedules,
+                parameters=plan["parameters"],
+                description=plan["description"],
+                tags=plan["tags"],
+                work_pool_name=plan["work_pool"],
+                entrypoint=plan["entrypoint"],
+                pull_steps=pull,
+                parameter_openapi_schema=parameter_schema(flow).model_dump_for_openapi(),
+                enforce_parameter_schema=True,
+            )
+            names.append(plan["name"])
+        for share in cfg.all_shares:
+            ensure_share_limit(share.name)
+        wanted = set(names)
+        ingest = DeploymentFilter(tags=DeploymentFilterTags(all_=["ingest"]))
+        for d in client.read_deployments(deployment_filter=ingest):
             if d.name.startswith("ingest-") and d.name not in wanted:
                 client.delete_deployment(d.id)
     return names

@@ -125,7 +125,9 @@ def ingest_share(
         src = open_share(share_cfg, resolve_password(share_cfg, f"share {share!r}"))
         with client_from_config(cfg, max_connections=settings.parallel_uploads) as orthanc:
             engine = IngestEngine(src, orthanc, settings, source_metadata=cfg.orthanc.source_metadata)
+            swept_from = datetime.now(UTC)
             total, last_error = _sweep(share, src, engine, settings, deadline, logger)
+            swept_until = datetime.now(UTC)
         src.close()
 
     if total.did_something:
@@ -134,6 +136,8 @@ def ingest_share(
     if last_error:
         raise IngestFailed(last_error)
     return {
+        "swept_from": swept_from.isoformat(),
+        "swept_until": swept_until.isoformat(),
         "uploaded": total.uploaded,
         "already_stored": total.already_stored,
         "quarantined": total.quarantined,
