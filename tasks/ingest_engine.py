@@ -28,7 +28,7 @@ from tasks.errors import OrthancAuthError, OrthancError, OrthancUnavailable, Sha
 from tasks.orthanc import OrthancClient
 from tasks.orthanc_answers import UploadAnswer, Verdict
 from tasks.readiness import Entry
-from tasks.shares import FileBusy, FileGone, Share
+from tasks.shares import FileBusy, FileChanged, FileGone, Share
 
 log = logging.getLogger(__name__)
 CHUNK = 1024 * 1024
@@ -201,7 +201,7 @@ class IngestEngine:
     def _ingest_file(self, entry: Entry) -> FileResult:
         path = entry.path
         try:
-            with self.share.open_read(path) as f:
+            with self.share.open_read(path, entry) as f:
                 head = f.read(HEAD_BYTES)
                 kind = classify(path, head)
                 if kind is Kind.ZIP:
@@ -215,7 +215,7 @@ class IngestEngine:
             return self._settle(entry, answer, md5)
         except FileBusy:
             return FileResult(path, Outcome.NOT_READY)
-        except _FileChanged:
+        except (_FileChanged, FileChanged):
             return FileResult(path, Outcome.NOT_READY, message="changed while read")
         except FileGone:
             return FileResult(path, Outcome.GONE)
@@ -275,6 +275,10 @@ class IngestEngine:
         return FileResult(path, outcome, entry.size, 1, studies, warning=warning)
 
     def _unchanged(self, entry: Entry) -> bool:
+        """Is the file still as it was scanned? On SMB our exclusive open, held from the check at open
+        time through the upload, already guaranteed it."""
+        if self.share.exclusive_reads:
+            return True
         try:
             now = self.share.stat(entry.path)
         except FileGone:

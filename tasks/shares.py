@@ -32,6 +32,10 @@ class FileGone(Exception):
     """The file disappeared between the scan and now."""
 
 
+class FileChanged(Exception):
+    """The file is not what the scan saw (size or modification time differ): it is still being written."""
+
+
 class Share(Protocol):
     name: str
     source: str
@@ -49,8 +53,12 @@ class Share(Protocol):
         """Size and mtime of one file now. Raises FileGone."""
         ...
 
-    def open_read(self, path: str) -> contextlib.AbstractContextManager[BinaryIO]:
-        """Open for reading, refusing if a writer still holds it (FileBusy). Raises FileGone."""
+    exclusive_reads: bool
+    """True when an open file cannot be changed by others until it is closed (SMB exclusive open)."""
+
+    def open_read(self, path: str, expected: Entry) -> contextlib.AbstractContextManager[BinaryIO]:
+        """Open for reading, refusing if a writer still holds it (FileBusy), if it vanished (FileGone),
+        or if its size or mtime are no longer those of ``expected`` (FileChanged)."""
         ...
 
     def remove(self, path: str) -> None: ...
@@ -81,6 +89,8 @@ def _check_relative(path: str) -> str:
 
 class LocalShare:
     """A folder on this host: local disk, or an NFS/SMB mount made by the operating system."""
+
+    exclusive_reads = False  # a local or NFS writer can still append while we read
 
     def __init__(self, cfg: LocalShareConfig) -> None:
         self.name = cfg.name
@@ -129,12 +139,15 @@ class LocalShare:
         return Entry(path, st.st_size, st.st_mtime)
 
     @contextlib.contextmanager
-    def open_read(self, path: str) -> Iterator[BinaryIO]:
+    def open_read(self, path: str, expected: Entry) -> Iterator[BinaryIO]:
         try:
             f = open(self._abs(path), "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError as e:
             raise FileGone(path) from e
         with f:
+            st = os.fstat(f.fileno())
+            if (st.st_size, st.st_mtime) != (expected.size, expected.mtime):
+                raise FileChanged(path)
             yield f
 
     def remove(self, path: str) -> None:
@@ -186,6 +199,8 @@ class SmbShare:
     The connection is cached per share object and dropped on any network-level error, so that an expired
     session or a restarted server is recovered on the next scan.
     """
+
+    exclusive_reads = True
 
     def __init__(self, cfg: SmbShareConfig, password: str | None) -> None:
         self.name = cfg.name
@@ -364,14 +379,18 @@ class SmbShare:
         raise FileGone(path)
 
     @contextlib.contextmanager
-    def open_read(self, path: str) -> Iterator[BinaryIO]:
+    def open_read(self, path: str, expected: Entry) -> Iterator[BinaryIO]:
         import smbclient
 
         with self._translate(path):
             # share_access=None asks for exclusive access: a writer that still holds the file makes this
-            # fail with a sharing violation, which is our "not ready yet".
-            f = smbclient.open_file(self._abs(path), mode="rb", share_access=None, **self._kw)
+            # fail with a sharing violation, which is our "not ready yet". Nobody can change the file
+            # until we close it, so the attributes of this open are the ones that count.
+            f = smbclient.open_file(self._abs(path), mode="rb", share_access=None, buffering=0, **self._kw)
         try:
+            opened = f.fd
+            if (int(opened.end_of_file), opened.last_write_time.timestamp()) != (expected.size, expected.mtime):
+                raise FileChanged(path)
             yield _TranslatedReader(f, self, path)  # type: ignore[misc]
         finally:
             with contextlib.suppress(Exception):
