@@ -184,7 +184,7 @@ def _sweep(share, src, engine, settings, deadline, logger) -> tuple[BatchReport,
                     raise exc if isinstance(exc, BaseException) else IngestFailed(str(exc))
                 report = exc.report
                 total.merge(report)
-                sweeper.handled(report.handled)
+                sweeper.handled(report.handled, report.deferred, ready)
                 if report.fatal:
                     raise IngestFailed(f"{report.stop_reason}; files stay in the share until this is fixed")
                 sweeper.failures += 1
@@ -194,7 +194,7 @@ def _sweep(share, src, engine, settings, deadline, logger) -> tuple[BatchReport,
                 )
                 report = BatchReport()
             total.merge(report)
-            sweeper.handled(report.handled)
+            sweeper.handled(report.handled, report.deferred, ready)
         delay = sweeper.next_delay()
         if datetime.now(UTC) + timedelta(seconds=delay) >= deadline:
             return total, orthanc_error or share_error

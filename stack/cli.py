@@ -60,61 +60,63 @@ def cmd_up(args: argparse.Namespace) -> int:
     run.mkdir(parents=True, exist_ok=True)
     if any(run.glob("*.pid")):
         cmd_down(args, quiet=True)
-    started: list = []
+    started: list = []  # registered before they start, so an interrupted start-up stops them too
 
     def stop_all(*_: object) -> None:
         for svc in reversed(started):
-            print(f"stopping {type(svc).__name__}", flush=True)
+            if svc.service and svc.service.proc is not None:
+                print(f"stopping {svc.service.name}", flush=True)
             svc.stop()
         started.clear()
 
     signal.signal(signal.SIGTERM, lambda *_: (stop_all(), sys.exit(0)))
     try:
-        for share in cfg.all_shares:
-            if share.kind == "local" and share.name == "inbox" and cfg.shares is None:
-                Path(share.path).mkdir(parents=True, exist_ok=True)
+        if cfg.shares is None:
+            Path(cfg.all_shares[0].path).mkdir(parents=True, exist_ok=True)  # the default inbox
         if cfg.embedded_orthanc:
             lo = cfg.local_orthanc
             if port_open(lo.http_port):
-                raise WorkflowError(f"port {lo.http_port} is taken: set local_orthanc.http_port to a free port")
+                raise WorkflowError(f"port {lo.http_port} is taken (another Orthanc?): stop it, or set "
+                                    "local_orthanc.http_port to a free port")  # fmt: skip
             orthanc = OrthancServer(run / "orthanc", lo.http_port, lo.dicom_port, lo.aet, lo.stable_age_seconds,
-                                    cfg.orthanc_storage_dir)  # fmt: skip
-            orthanc.start()
+                                    cfg.orthanc_storage_dir, pid_dir=run)  # fmt: skip
             started.append(orthanc)
+            orthanc.start()
             print(f"Orthanc        {orthanc.url}/app/explorer.html   (DICOM port {lo.dicom_port}, AET {lo.aet})")
         if port_open(cfg.prefect.port):
-            raise WorkflowError(f"port {cfg.prefect.port} is taken: set prefect.port to a free port")
+            raise WorkflowError(f"port {cfg.prefect.port} is taken (a Prefect server left running?): stop it, "
+                                "or set prefect.port to a free port")  # fmt: skip
         server = PrefectServer(cfg.prefect_home, cfg.prefect.port, cfg.prefect.flow_run_retention_days,
-                               cfg.prefect.event_retention_days)  # fmt: skip
+                               cfg.prefect.event_retention_days, pid_dir=run)  # fmt: skip
+        started.append(server)
         print("starting the Prefect server (about 20 s on first start)...", flush=True)
         server.start()
-        started.append(server)
         print(f"Prefect UI     http://127.0.0.1:{cfg.prefect.port}")
 
         from deployments.deploy import deploy_all
 
         names = deploy_all(cfg)
         print(f"deployments    {', '.join(names)}")
-        worker = PrefectWorker(run, {**server.env, **_prefect_environment(cfg)}, cfg.prefect.work_pool).start()
+        worker = PrefectWorker(run, {**server.env, **_prefect_environment(cfg)}, cfg.prefect.work_pool)
         started.append(worker)
+        worker.start()
         _sweep_now(cfg)
         for share in cfg.all_shares:
             where = share.path if share.kind == "local" else f"smb://{share.server}:{share.port}/{share.share}"
             print(f"share          {share.name}: {where} (source {share.source})")
-        for svc in started:
-            if getattr(svc, "service", None) and svc.service.pid:
-                (run / f"{svc.service.name}.pid").write_text(str(svc.service.pid))
         print("running; Ctrl-C or `owf down` stops everything", flush=True)
         if args.detach:
-            started.clear()  # leave them running; `owf down` stops them by PID
+            started.clear()  # leave them running; `owf down` stops them by their PID files
             return 0
         while True:
             for svc in started:
-                proc = svc.service.proc if svc.service else None
+                if not svc.service.pid_path.exists():
+                    print("stopped by `owf down`", flush=True)
+                    return 0
+                proc = svc.service.proc
                 if proc is not None and proc.poll() is not None:
-                    raise WorkflowError(
-                        f"{svc.service.name} exited (code {proc.returncode}); see {svc.service.log_path}"
-                    )
+                    name, log = svc.service.name, svc.service.log_path
+                    raise WorkflowError(f"{name} exited (code {proc.returncode}); see {log}")
             time.sleep(1)
     except KeyboardInterrupt:
         return 0
@@ -132,26 +134,18 @@ def _sweep_now(cfg: SiteConfig) -> None:
 
 
 def cmd_down(args: argparse.Namespace, quiet: bool = False) -> int:
-    from stack.services import stop_pid
+    from stack.services import stop_pid_file
 
     cfg = _load(args)
     run = _run_dir(cfg)
-    # Stop in reverse order of start: worker first, then the Prefect server, then Orthanc.
+    # Worker first (it stops its flow runs), then the Prefect server, then Orthanc.
     order = ["worker-owf-worker", "prefect-server", "orthanc"]
-    pids = sorted(run.glob("*.pid"), key=lambda p: order.index(p.stem) if p.stem in order else -1)
-    for pid_file in pids:
-        try:
-            pid = int(pid_file.read_text().strip())
-        except ValueError:
-            pid = 0
-        if pid:
-            if not quiet:
-                print(f"stopping {pid_file.stem} (pid {pid})")
-            stop_pid(pid)
-        pid_file.unlink(missing_ok=True)
-        for nested in pid_file.parent.glob(f"*/{pid_file.stem}.pid"):
-            nested.unlink(missing_ok=True)
-    if not pids and not quiet:
+    pid_files = sorted(run.glob("*.pid"), key=lambda p: order.index(p.stem) if p.stem in order else -1)
+    for pid_file in pid_files:
+        outcome = stop_pid_file(pid_file)
+        if not quiet:
+            print(outcome)
+    if not pid_files and not quiet:
         print("nothing to stop")
     return 0
 

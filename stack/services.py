@@ -82,14 +82,49 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def process_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if there is no such process.
+    Together with the PID it names one process: a PID alone may have been reused since."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def write_pid_file(path: Path, pid: int) -> None:
+    path.write_text(f"{pid} {process_start_time(pid) or ''}\n")
+
+
+def stop_pid_file(path: Path, grace: float = 10.0) -> str:
+    """Stop the process a PID file names, if it is still that process; remove the file. Returns what
+    happened, for the operator."""
+    try:
+        parts = path.read_text().split()
+        pid, started = int(parts[0]), (parts[1] if len(parts) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        path.unlink(missing_ok=True)
+        return f"{path.stem}: unreadable PID file removed"
+    now = process_start_time(pid)
+    try:
+        if now is None:
+            return f"{path.stem}: not running (stale PID file removed)"
+        if started is None or now != started:
+            return f"{path.stem}: PID {pid} now belongs to another process; left alone (stale PID file removed)"
+        stop_pid(pid, grace)
+        return f"{path.stem}: stopped (pid {pid})"
+    finally:
+        path.unlink(missing_ok=True)
+
+
 @dataclass
 class Service:
-    """A child process with its log file and PID file."""
+    """A child process with its log file and PID file (``pid_dir``, default its working folder)."""
 
     name: str
     argv: list[str]
     workdir: Path
     env: dict[str, str] = field(default_factory=dict)
+    pid_dir: Path | None = None
     proc: subprocess.Popen | None = None
 
     @property
@@ -98,7 +133,7 @@ class Service:
 
     @property
     def pid_path(self) -> Path:
-        return self.workdir / f"{self.name}.pid"
+        return (self.pid_dir or self.workdir) / f"{self.name}.pid"
 
     def spawn(self) -> subprocess.Popen:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +148,7 @@ class Service:
             start_new_session=True,  # its own process group: stopping it stops its children too
         )
         log.close()
-        self.pid_path.write_text(str(self.proc.pid))
+        write_pid_file(self.pid_path, self.proc.pid)
         return self.proc
 
     def stop(self, grace: float = 10.0) -> None:
@@ -145,6 +180,7 @@ class OrthancServer:
     stable_age: int = 60
     storage_dir: Path | None = None
     extra_config: dict = field(default_factory=dict)
+    pid_dir: Path | None = None
     service: Service | None = None
 
     @property
@@ -180,7 +216,7 @@ class OrthancServer:
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(self.config(), indent=2))
         # DCMTK leaves Nagle on unless TCP_NODELAY=1: C-STORE crawls at ~11 instances/s without it.
-        self.service = Service("orthanc", [binary, str(cfg_path)], self.workdir, {"TCP_NODELAY": "1"})
+        self.service = Service("orthanc", [binary, str(cfg_path)], self.workdir, {"TCP_NODELAY": "1"}, self.pid_dir)
         proc = self.service.spawn()
         wait_until(lambda: httpx.get(self.url + "/system", timeout=1).status_code == 200, timeout, "Orthanc",
                    proc, self.service.log_path)  # fmt: skip
@@ -276,6 +312,9 @@ def prefect_env(home: Path, port: int, retention_days: int = 7, event_retention_
         "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
         "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": f"P{retention_days}D",
         "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": f"P{event_retention_days}D",
+        # Concurrency leases (the per-share sweep locks) on disk: in memory, a server restart forgets
+        # them while their slots stay taken, and the share would never be swept again.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "1",
         # Workers: poll every second, fetch only runs due now, so that a fast schedule is not over-fetched.
         "PREFECT_WORKER_QUERY_SECONDS": "1",
@@ -289,6 +328,7 @@ class PrefectServer:
     port: int
     retention_days: int = 7
     event_retention_days: int = 2
+    pid_dir: Path | None = None
     service: Service | None = None
 
     @property
@@ -302,7 +342,7 @@ class PrefectServer:
     def start(self, timeout: float = 120) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.service = Service("prefect-server", argv, self.home, self.env)
+        self.service = Service("prefect-server", argv, self.home, self.env, self.pid_dir)
         proc = self.service.spawn()
         wait_until(lambda: httpx.get(self.api_url + "/health", timeout=2).status_code == 200, timeout,
                    "Prefect server", proc, self.service.log_path)  # fmt: skip

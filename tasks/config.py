@@ -122,6 +122,12 @@ class IngestSettings(_Strict):
         8 * 1024 * 1024, ge=0, description="Files larger than this are streamed instead of read whole."
     )
     max_files_per_batch: int = Field(2000, ge=1)
+    incomplete_grace_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="A file that looks unfinished (an image without pixel data, or DICOM Orthanc cannot parse) "
+        "is waited for this long after its last change before it is quarantined: a writer may have paused.",
+    )
     backoff_max_seconds: float = Field(60.0, gt=0)
     quarantine_folder: str = Field(".quarantine", description="Folder inside the share for rejected files.")
     ignore: list[str] = Field(default_factory=lambda: list(DEFAULT_IGNORE))
@@ -152,6 +158,7 @@ class IngestOverrides(_Strict):
     parallel_uploads: int | None = Field(None, ge=1, le=32)
     stream_threshold_bytes: int | None = Field(None, ge=0)
     max_files_per_batch: int | None = Field(None, ge=1)
+    incomplete_grace_seconds: float | None = Field(None, ge=0)
     backoff_max_seconds: float | None = Field(None, gt=0)
     quarantine_folder: str | None = None
     ignore: list[str] | None = None

@@ -70,6 +70,26 @@ def _starts_like_dataset(head: bytes) -> bool:
     return length < 1024  # implicit VR: the first elements are short strings
 
 
+# Pixel Data, Float Pixel Data, Double Float Pixel Data; little and big endian tag bytes.
+_PIXEL_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x10")
+
+
+def is_image_sop_class(uid: str) -> bool:
+    """True for the storage SOP classes of images (CT, MR, US, secondary capture, ...), by the standard's
+    own names as pydicom knows them."""
+    from pydicom.uid import UID
+
+    name = UID(uid).name
+    return "Image Storage" in name and "Retired" not in name
+
+
+def incomplete_image(data: bytes) -> bool:
+    """A whole file whose file meta names an image SOP class but which holds no pixel data element: a
+    file cut short while its writer paused. Files without file meta are not judged."""
+    sop = media_storage_sop_class(data)
+    return bool(sop) and is_image_sop_class(sop) and not any(tag in data for tag in _PIXEL_TAGS)
+
+
 def classify(name: str, head: bytes) -> Kind:
     """Classify a file from its name and its first bytes (at least HEAD_BYTES when the file is longer)."""
     if head[:4] == b"PK\x03\x04":

@@ -23,7 +23,7 @@ from typing import BinaryIO
 
 from tasks import quarantine as q
 from tasks.config import IngestSettings
-from tasks.dicom_sniff import HEAD_BYTES, Kind, classify
+from tasks.dicom_sniff import HEAD_BYTES, Kind, classify, incomplete_image
 from tasks.errors import OrthancAuthError, OrthancError, OrthancUnavailable, ShareError
 from tasks.orthanc import OrthancClient
 from tasks.orthanc_answers import UploadAnswer, Verdict
@@ -53,6 +53,7 @@ class FileResult:
     study_ids: set[str] = field(default_factory=set)
     message: str = ""
     warning: str = ""
+    defer_until: float | None = None  # epoch seconds: do not offer this file again before then, unless it changes
 
 
 @dataclass
@@ -75,6 +76,7 @@ class BatchReport:
     stop_reason: str | None = None  # why the batch stopped early (Orthanc or share unavailable)
     fatal: bool = False  # the stop needs an operator (credentials, Orthanc config), not patience
     handled: list[str] = field(default_factory=list)  # paths that left the share (deleted or moved)
+    deferred: dict[str, float] = field(default_factory=dict)  # path -> epoch seconds to wait until
 
     def add(self, r: FileResult) -> None:
         self.files += 1
@@ -96,6 +98,8 @@ class BatchReport:
         if r.outcome in (Outcome.UPLOADED, Outcome.ALREADY_STORED, Outcome.QUARANTINED, Outcome.SET_ASIDE):
             self.handled.append(r.path)
             self.bytes += r.size
+        if r.defer_until is not None:
+            self.deferred[r.path] = r.defer_until
         self.study_ids |= r.study_ids
         if r.warning:
             self.warnings.append(r.warning)
@@ -108,6 +112,7 @@ class BatchReport:
         self.warnings += other.warnings
         self.problems += other.problems
         self.handled += other.handled
+        self.deferred.update(other.deferred)
         self.stop_reason = other.stop_reason
         self.fatal = other.fatal
 
@@ -133,6 +138,10 @@ class _Stop(Exception):
 
 class _FileChanged(Exception):
     pass
+
+
+class _Incomplete(Exception):
+    """An image object with no pixel data (yet)."""
 
 
 def _stream(f: BinaryIO, head: bytes, size: int, digest: hashlib._Hash) -> Iterator[bytes]:
@@ -212,7 +221,20 @@ class IngestEngine:
                     answer, md5 = self._upload(f, head, entry.size, kind is Kind.DICOM)
             if answer is None:
                 return self._set_aside(entry)
+            if answer.verdict is Verdict.REJECTED and kind is Kind.DICOM and self._young(entry):
+                # DICOM that Orthanc cannot parse yet: perhaps its writer paused mid-file. Wait, once.
+                return self._wait(entry, f"Orthanc cannot read it yet ({answer.reason})")
             return self._settle(entry, answer, md5)
+        except _Incomplete:
+            if self._young(entry):
+                return self._wait(entry, "an image without pixel data so far")
+            return self._quarantine(
+                entry,
+                q.REJECTED,
+                "image object without pixel data: the file looks cut short "
+                f"(unchanged for {self.settings.incomplete_grace_seconds:.0f} s or more)",
+                None,
+            )
         except FileBusy:
             return FileResult(path, Outcome.NOT_READY)
         except (_FileChanged, FileChanged):
@@ -234,6 +256,8 @@ class IngestEngine:
             data = head + f.read(size - len(head) + 1) if len(head) < size else head
             if len(data) != size:
                 raise _FileChanged("size differs from the scan")
+            if incomplete_image(data):
+                raise _Incomplete()
             digest.update(data)
             answer = self.orthanc.upload(data, size, looks_like_dicom)
         else:
@@ -273,6 +297,13 @@ class IngestEngine:
         outcome = Outcome.UPLOADED if answer.verdict is Verdict.STORED else Outcome.ALREADY_STORED
         studies = {answer.study_id} if answer.study_id else set()
         return FileResult(path, outcome, entry.size, 1, studies, warning=warning)
+
+    def _young(self, entry: Entry) -> bool:
+        return self._clock().timestamp() - entry.mtime < self.settings.incomplete_grace_seconds
+
+    def _wait(self, entry: Entry, why: str) -> FileResult:
+        until = entry.mtime + self.settings.incomplete_grace_seconds
+        return FileResult(entry.path, Outcome.NOT_READY, message=f"looks unfinished: {why}", defer_until=until)
 
     def _unchanged(self, entry: Entry) -> bool:
         """Is the file still as it was scanned? On SMB our exclusive open, held from the check at open

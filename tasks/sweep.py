@@ -24,6 +24,7 @@ class Sweeper:
         self.backoff = Backoff(settings.interval_seconds, settings.backoff_max_seconds)
         self.failures = 0
         self._reported_ignored: set[str] = set()
+        self._deferred: dict[str, tuple[int, float, float]] = {}  # path -> (size, mtime, until)
         self.waiting = 0  # files seen but not ready at the last scan
 
     def poll(self, now: float) -> list[Entry]:
@@ -36,6 +37,11 @@ class Sweeper:
         for entry in entries:
             d = decisions[entry.path]
             if d is Readiness.READY:
+                held = self._deferred.get(entry.path)
+                if held and held[:2] == (entry.size, entry.mtime) and now < held[2]:
+                    waiting += 1  # looked unfinished; wait for a change or the grace period
+                    continue
+                self._deferred.pop(entry.path, None)
                 ready.append(entry)
             elif d is Readiness.IGNORED:
                 if entry.path not in self._reported_ignored:
@@ -47,9 +53,16 @@ class Sweeper:
         ready.sort(key=lambda e: e.path)
         return ready[: self.settings.max_files_per_batch]
 
-    def handled(self, paths: list[str]) -> None:
+    def handled(self, paths: list[str], deferred: dict[str, float] | None = None,
+                entries: list[Entry] | None = None) -> None:  # fmt: skip
+        """Forget files that left the share; hold back ``deferred`` ones (path -> until) while unchanged."""
         for p in paths:
             self.tracker.forget(p)
+            self._deferred.pop(p, None)
+        by_path = {e.path: e for e in entries or []}
+        for p, until in (deferred or {}).items():
+            if p in by_path:
+                self._deferred[p] = (by_path[p].size, by_path[p].mtime, until)
 
     def next_delay(self) -> float:
         return self.backoff.delay(self.failures) if self.failures else self.settings.interval_seconds

@@ -95,6 +95,9 @@ def smb_share(samba: SambaServer, **kw) -> ShareUnderTest:
 
 
 def engine_for(sut: ShareUnderTest, orthanc_url: str, transport=None, **settings) -> IngestEngine:
+    """An engine on ``sut``. Files written by a test are seconds old, so the grace given to files that look
+    unfinished is 0 here unless a test sets it."""
+    settings.setdefault("incomplete_grace_seconds", 0)
     client = OrthancClient(orthanc_url, transport=transport, timeout=10)
     return IngestEngine(sut.share, client, IngestSettings(**settings))
 
@@ -108,5 +111,5 @@ def drain(sut: ShareUnderTest, engine: IngestEngine, sweeps: int = 4, now: float
         if ready:
             report = engine.run_batch(ready)
             total.merge(report)
-            sweeper.handled(report.handled)
+            sweeper.handled(report.handled, report.deferred, ready)
     return total

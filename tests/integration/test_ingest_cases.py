@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 import zipfile
 from pathlib import Path
 
@@ -177,3 +178,49 @@ def test_every_pydicom_test_file_ends_in_orthanc_or_quarantine(tmp_path, orthanc
     assert all(doc["reason"] for doc in quarantined.values())
     assert report.uploaded >= 50
     assert len(orthanc_instances(orthanc)) == report.uploaded
+
+
+def _split_before_pixel_data(tmp_path) -> tuple[bytes, bytes]:
+    from stack.synthetic import write_ct_series
+
+    (path,) = write_ct_series(tmp_path / "src", 1)
+    data = path.read_bytes()
+    cut = data.index(b"\xe0\x7f\x10\x00")
+    return data[:cut], data[cut:]
+
+
+@pytest.mark.parametrize("kind", ["local", "smb"])
+def test_writer_pausing_before_pixel_data_never_stores_a_header_only_image(tmp_path, orthanc, kind, request):
+    sut = local_share(tmp_path / "inbox") if kind == "local" else smb_share(request.getfixturevalue("samba"))
+    head, rest = _split_before_pixel_data(tmp_path)
+    target = sut.root / "paused.dcm"
+    target.write_bytes(head)  # the writer pauses here, longer than two scans
+    engine = engine_for(sut, orthanc.url, incomplete_grace_seconds=60)
+    first = drain(sut, engine, sweeps=3, now=time.time())
+    assert first.uploaded == 0 and first.quarantined == 0 and first.not_ready == 1
+    assert orthanc_instances(orthanc) == [] and target.exists()
+    with open(target, "ab") as f:  # the writer resumes and finishes
+        f.write(rest)
+    second = drain(sut, engine, sweeps=3, now=time.time() + 5)
+    assert second.uploaded == 1
+    (instance,) = orthanc_instances(orthanc)
+    assert httpx.get(f"{orthanc.url}/instances/{instance}/file", timeout=10).content == head + rest
+
+
+def test_header_only_image_left_beyond_the_grace_period_is_quarantined(tmp_path, orthanc):
+    sut = local_share(tmp_path / "inbox")
+    head, _ = _split_before_pixel_data(tmp_path)
+    (sut.root / "cut.dcm").write_bytes(head)
+    report = drain(sut, engine_for(sut, orthanc.url, incomplete_grace_seconds=0))
+    assert report.quarantined == 1 and orthanc_instances(orthanc) == []
+    assert "without pixel data" in sut.quarantined()["cut.dcm"]["reason"]
+
+
+def test_young_dicom_orthanc_cannot_parse_is_waited_for_once_not_posted_in_a_loop(tmp_path, orthanc, cases):
+    sut = local_share(tmp_path / "inbox")
+    sut.place(cases / "C04_folder" / "corrupt.dcm")
+    counter = CountingTransport()
+    report = drain(sut, engine_for(sut, orthanc.url, transport=counter, incomplete_grace_seconds=60), sweeps=6,
+                   now=time.time())  # fmt: skip
+    assert report.quarantined == 0 and sut.files() == {"corrupt.dcm"}
+    assert counter.count("POST", "/instances") == 1, "offered once, then held back while unchanged"
