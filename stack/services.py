@@ -239,9 +239,16 @@ class SambaServer:
     password: str = "owf-test-only-9Q"
     service: Service | None = None
 
+    readonly_share_name: str = "dicom-ro"
+
     @property
     def share_dir(self) -> Path:
         return self.workdir / "share"
+
+    @property
+    def readonly_dir(self) -> Path:
+        """Behind a second share that the user may read but not change."""
+        return self.workdir / "share-ro"
 
     def _conf(self) -> str:
         w = self.workdir
@@ -273,12 +280,18 @@ class SambaServer:
     browseable = yes
     force user = root
     valid users = {self.username}
+
+[{self.readonly_share_name}]
+    path = {self.readonly_dir}
+    read only = yes
+    force user = root
+    valid users = {self.username}
 """
 
     def start(self, timeout: float = 30) -> SambaServer:
         smbd = _require("smbd", "samba")
         smbpasswd = _require("smbpasswd", "samba")
-        for sub in ("private", "lock", "state", "cache", "pid", "share"):
+        for sub in ("private", "lock", "state", "cache", "pid", "share", "share-ro"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "smb.conf"
         conf.write_text(self._conf())

@@ -10,6 +10,7 @@ answers 5xx nothing is deleted or moved and the batch stops early, so the caller
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import threading
 import zipfile
@@ -211,20 +212,27 @@ class IngestEngine:
         path = entry.path
         try:
             with self.share.open_read(path, entry) as f:
-                head = f.read(HEAD_BYTES)
+                # A file up to the stream threshold is read whole, in one request (SMB: one round trip).
+                whole = self._read_whole(f, entry) if entry.size <= self.settings.stream_threshold_bytes else None
+                head = whole[:HEAD_BYTES] if whole is not None else f.read(HEAD_BYTES)
                 kind = classify(path, head)
                 if kind is Kind.ZIP:
-                    return self._ingest_zip(entry, f)
+                    return self._ingest_zip(entry, f, whole)
                 if kind is Kind.DICOMDIR:
                     answer, md5 = None, ""
                 else:
-                    answer, md5 = self._upload(f, head, entry.size, kind is Kind.DICOM)
+                    answer, md5 = self._upload(f, head, whole, entry.size, kind is Kind.DICOM)
+                    if answer.verdict in (Verdict.STORED, Verdict.ALREADY_STORED):
+                        # Delete through the handle we hold (SMB: nobody could change the file meanwhile).
+                        confirmed = self._confirmed(entry, answer, md5, f)
+                        if confirmed is not None:
+                            return confirmed
             if answer is None:
                 return self._set_aside(entry)
             if answer.verdict is Verdict.REJECTED and kind is Kind.DICOM and self._young(entry):
                 # DICOM that Orthanc cannot parse yet: perhaps its writer paused mid-file. Wait, once.
                 return self._wait(entry, f"Orthanc cannot read it yet ({answer.reason})")
-            return self._settle(entry, answer, md5)
+            return self._settle(entry, answer)
         except _Incomplete:
             if self._young(entry):
                 return self._wait(entry, "an image without pixel data so far")
@@ -250,29 +258,36 @@ class IngestEngine:
         except ShareError as e:
             raise _Stop(str(e), fatal=False) from e
 
-    def _upload(self, f: BinaryIO, head: bytes, size: int, looks_like_dicom: bool) -> tuple[UploadAnswer, str]:
+    @staticmethod
+    def _read_whole(f: BinaryIO, entry: Entry) -> bytes:
+        data = f.read(entry.size + 1)
+        while len(data) < entry.size:  # a reader may return less than asked; only b"" means the end
+            chunk = f.read(entry.size + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        if len(data) != entry.size:
+            raise _FileChanged("size differs from the scan")
+        return data
+
+    def _upload(
+        self, f: BinaryIO, head: bytes, whole: bytes | None, size: int, looks_like_dicom: bool
+    ) -> tuple[UploadAnswer, str]:
         digest = hashlib.md5(usedforsecurity=False)
-        if size <= self.settings.stream_threshold_bytes:
-            data = head + f.read(size - len(head) + 1) if len(head) < size else head
-            if len(data) != size:
-                raise _FileChanged("size differs from the scan")
-            if incomplete_image(data):
+        if whole is not None:
+            if incomplete_image(whole):
                 raise _Incomplete()
-            digest.update(data)
-            answer = self.orthanc.upload(data, size, looks_like_dicom)
+            digest.update(whole)
+            answer = self.orthanc.upload(whole, size, looks_like_dicom)
         else:
             answer = self.orthanc.upload(_stream(f, head, size, digest), size, looks_like_dicom)
         return answer, digest.hexdigest()
 
-    def _settle(self, entry: Entry, answer: UploadAnswer, md5: str) -> FileResult:
-        """Act on Orthanc's answer for a plain file (after it was closed)."""
+    def _confirmed(self, entry: Entry, answer: UploadAnswer, md5: str, f: BinaryIO) -> FileResult | None:
+        """Orthanc holds the instance: tag its source, then delete the file (still open as ``f``).
+        None when the file must go to quarantine instead (a conflicting resend, conflict_policy: quarantine),
+        which can only happen once ``f`` is closed."""
         path = entry.path
-        if answer.verdict is Verdict.UNAVAILABLE:
-            raise _Stop(answer.reason, fatal=False)
-        if answer.verdict is Verdict.AUTH:
-            raise _Stop(answer.reason, fatal=True)
-        if answer.verdict is Verdict.REJECTED:
-            return self._quarantine(entry, q.REJECTED, answer.reason, answer.orthanc_status)
         assert answer.instance_id is not None
         self.orthanc.set_instance_metadata(answer.instance_id, self.source_metadata, self.share.source)
         warning = ""
@@ -280,23 +295,33 @@ class IngestEngine:
             stored_md5 = self.orthanc.attachment_md5(answer.instance_id)
             if stored_md5 and stored_md5 != md5:
                 if self.settings.conflict_policy == "quarantine":
-                    return self._quarantine(
-                        entry,
-                        q.CONFLICT,
-                        f"Orthanc already holds instance {answer.instance_id} with other content; "
-                        "kept for review (conflict_policy: quarantine)",
-                        None,
-                    )
+                    return None
                 warning = (
                     f"{path}: Orthanc already holds instance {answer.instance_id} with different content; "
                     "the resent file was ignored (Orthanc keeps the first copy unless OverwriteInstances is on)"
                 )
         if not self._unchanged(entry):
             return FileResult(path, Outcome.NOT_READY, message="changed during upload; will upload again")
-        self.share.remove(path)
+        self.share.remove_open(f, path)
         outcome = Outcome.UPLOADED if answer.verdict is Verdict.STORED else Outcome.ALREADY_STORED
         studies = {answer.study_id} if answer.study_id else set()
         return FileResult(path, outcome, entry.size, 1, studies, warning=warning)
+
+    def _settle(self, entry: Entry, answer: UploadAnswer) -> FileResult:
+        """Act on an answer that did not end in a delete (after the file was closed)."""
+        if answer.verdict is Verdict.UNAVAILABLE:
+            raise _Stop(answer.reason, fatal=False)
+        if answer.verdict is Verdict.AUTH:
+            raise _Stop(answer.reason, fatal=True)
+        if answer.verdict is Verdict.REJECTED:
+            return self._quarantine(entry, q.REJECTED, answer.reason, answer.orthanc_status)
+        return self._quarantine(
+            entry,
+            q.CONFLICT,
+            f"Orthanc already holds instance {answer.instance_id} with other content; "
+            "kept for review (conflict_policy: quarantine)",
+            None,
+        )
 
     def _young(self, entry: Entry) -> bool:
         return self._clock().timestamp() - entry.mtime < self.settings.incomplete_grace_seconds
@@ -317,7 +342,7 @@ class IngestEngine:
         return (now.size, now.mtime) == (entry.size, entry.mtime)
 
     # -- ZIP -------------------------------------------------------------------------------------------
-    def _ingest_zip(self, entry: Entry, f: BinaryIO) -> FileResult:
+    def _ingest_zip(self, entry: Entry, f: BinaryIO, whole: bytes | None) -> FileResult:
         """Upload every entry of a ZIP on its own and judge each. Orthanc's own ZIP upload silently skips
         entries it cannot read, so it cannot tell us whether deleting the archive is safe."""
         stored = already = 0
@@ -325,8 +350,11 @@ class IngestEngine:
         failed: list[str] = []
         ignored: list[str] = []
         try:
-            f.seek(0)
-            archive = zipfile.ZipFile(f)
+            if whole is not None:
+                archive = zipfile.ZipFile(io.BytesIO(whole))
+            else:
+                f.seek(0)
+                archive = zipfile.ZipFile(f)
             infos = [i for i in archive.infolist() if not i.is_dir()]
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:
             archive = None

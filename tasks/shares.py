@@ -63,6 +63,10 @@ class Share(Protocol):
 
     def remove(self, path: str) -> None: ...
 
+    def remove_open(self, f: BinaryIO, path: str) -> None:
+        """Delete the file ``f`` (opened by ``open_read``) and close it."""
+        ...
+
     def move(self, src: str, dst: str) -> None:
         """Rename within the share, creating parent folders; ``dst`` must not exist."""
         ...
@@ -155,6 +159,10 @@ class LocalShare:
             self._abs(path).unlink()
         except FileNotFoundError as e:
             raise FileGone(path) from e
+
+    def remove_open(self, f: BinaryIO, path: str) -> None:
+        f.close()
+        self.remove(path)
 
     def move(self, src: str, dst: str) -> None:
         target = self._abs(dst)
@@ -381,20 +389,42 @@ class SmbShare:
     @contextlib.contextmanager
     def open_read(self, path: str, expected: Entry) -> Iterator[BinaryIO]:
         import smbclient
+        from smbprotocol.exceptions import SMBOSError
+        from smbprotocol.header import NtStatus
+        from smbprotocol.open import FilePipePrinterAccessMask as Access
 
+        read = Access.FILE_READ_DATA | Access.FILE_READ_ATTRIBUTES
         with self._translate(path):
             # share_access=None asks for exclusive access: a writer that still holds the file makes this
             # fail with a sharing violation, which is our "not ready yet". Nobody can change the file
-            # until we close it, so the attributes of this open are the ones that count.
-            f = smbclient.open_file(self._abs(path), mode="rb", share_access=None, buffering=0, **self._kw)
+            # until we close it, so the attributes of this open are the ones that count. DELETE access
+            # lets the engine delete through this handle once Orthanc confirmed (one round trip instead
+            # of a second open); a user who may read but not delete still gets the file read.
+            try:
+                f = smbclient.open_file(self._abs(path), mode="rb", share_access=None, buffering=0,
+                                        desired_access=read | Access.DELETE, **self._kw)  # fmt: skip
+                deletable = True
+            except SMBOSError as e:
+                if e.ntstatus != NtStatus.STATUS_ACCESS_DENIED:
+                    raise
+                f = smbclient.open_file(self._abs(path), mode="rb", share_access=None, buffering=0,
+                                        desired_access=read, **self._kw)  # fmt: skip
+                deletable = False
         try:
             opened = f.fd
             if (int(opened.end_of_file), opened.last_write_time.timestamp()) != (expected.size, expected.mtime):
                 raise FileChanged(path)
-            yield _TranslatedReader(f, self, path)  # type: ignore[misc]
+            yield _TranslatedReader(f, self, path, deletable)  # type: ignore[misc]
         finally:
             with contextlib.suppress(Exception):
                 f.close()
+
+    def remove_open(self, f: BinaryIO, path: str) -> None:
+        if isinstance(f, _TranslatedReader) and f.deletable:
+            f.delete()
+        else:
+            f.close()
+            self.remove(path)
 
     def remove(self, path: str) -> None:
         import smbclient
@@ -452,8 +482,23 @@ class SmbShare:
 class _TranslatedReader:
     """A read-only SMB file whose errors are translated like every other share call."""
 
-    def __init__(self, raw: BinaryIO, share: SmbShare, path: str) -> None:
+    def __init__(self, raw: BinaryIO, share: SmbShare, path: str, deletable: bool = False) -> None:
         self._raw, self._share, self._path = raw, share, path
+        self.deletable = deletable
+
+    def delete(self) -> None:
+        """Mark the file delete-pending and close the handle, in one compound request: the file is gone
+        when this returns."""
+        from smbclient._io import SMBFileTransaction, set_info
+        from smbprotocol.file_info import FileDispositionInformation
+
+        info = FileDispositionInformation()
+        info["delete_pending"] = True
+        with self._share._translate(self._path):
+            transaction = SMBFileTransaction(self._raw)
+            set_info(transaction, info)
+            self._raw.close(transaction=transaction)  # type: ignore[call-arg]
+            transaction.commit()
 
     def read(self, n: int = -1) -> bytes:
         with self._share._translate(self._path):

@@ -77,12 +77,12 @@ def local_share(root: Path, name: str = "inbox", source: str = "INBOX") -> Share
 
 
 def smb_share_config(samba: SambaServer, name: str = "ct-room1", source: str = "CT_ROOM1", **kw) -> SmbShareConfig:
+    kw.setdefault("share", samba.share_name)
     return SmbShareConfig(
         name=name,
         source=source,
         server="127.0.0.1",
         port=samba.port,
-        share=samba.share_name,
         username=samba.username,
         password_env="OWF_TEST_SMB_PASSWORD",
         **kw,

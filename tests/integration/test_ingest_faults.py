@@ -149,3 +149,21 @@ def test_orthanc_killed_mid_batch_loses_nothing(tmp_path, kind, request):
         assert len(orthanc_instances(server)) == 40
     finally:
         server.stop()
+
+
+def test_share_that_refuses_deletes_keeps_the_file_and_says_why(samba, orthanc, tmp_path):
+    """A user who may read but not delete: the file is read and stored, stays in the share (nothing is
+    lost), and the batch stops with a message that points at the share rights."""
+    for child in samba.readonly_dir.iterdir():
+        child.unlink()
+    [slice_] = write_ct_series(tmp_path / "series", 1)
+    (samba.readonly_dir / "ro.dcm").write_bytes(slice_.read_bytes())
+    sut = smb_share(samba, name="ro", share=samba.readonly_share_name)
+    sut.root = samba.readonly_dir
+    engine = engine_for(sut, orthanc.url)
+    report = drain(sut, engine, sweeps=2)
+    assert (samba.readonly_dir / "ro.dcm").exists()
+    assert len(orthanc_instances(orthanc)) == 1
+    assert report.uploaded == 0
+    assert "share rights" in report.stop_reason
+    assert samba.password not in report.stop_reason
