@@ -82,7 +82,7 @@ class Stack:
                        timeout=180, cwd=Path(__file__).parent.parent)  # fmt: skip
 
     def pids(self) -> list[int]:
-        return [int(p.read_text()) for p in (self.workdir / "data" / "run").glob("*.pid")]
+        return [int(p.read_text().split()[0]) for p in (self.workdir / "data" / "run").glob("*.pid")]
 
     def count(self) -> int:
         return httpx.get(self.url + "/statistics", timeout=10).json()["CountInstances"]
@@ -207,7 +207,7 @@ def idle_cost(workdir: Path, seconds: float) -> dict:
     try:
         progress("idle stack up; letting the first run start (30 s)")
         time.sleep(30)
-        roots = {Path(p).stem: int(Path(p).read_text()) for p in map(str, (workdir / "data" / "run").glob("*.pid"))}
+        roots = {Path(p).stem: int(Path(p).read_text().split()[0]) for p in map(str, (workdir / "data" / "run").glob("*.pid"))}
         db = workdir / "data" / "prefect"
 
         def db_bytes() -> int:

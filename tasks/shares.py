@@ -479,6 +479,9 @@ class SmbShare:
         self.reset()
 
 
+READ_REQUEST = 1024 * 1024
+
+
 class _TranslatedReader:
     """A read-only SMB file whose errors are translated like every other share call."""
 
@@ -501,8 +504,21 @@ class _TranslatedReader:
             transaction.commit()
 
     def read(self, n: int = -1) -> bytes:
+        # One SMB read request per READ_REQUEST bytes: a single request for a whole large file asks for
+        # credits in proportion to its size, and a few parallel ones exhaust the session's credits
+        # ("Request requires 1 credits but only 0 credits are available").
         with self._share._translate(self._path):
-            return self._raw.read(n)
+            if 0 <= n <= READ_REQUEST:
+                return self._raw.read(n)
+            parts = []
+            left = n
+            while left != 0:
+                chunk = self._raw.read(READ_REQUEST if left < 0 else min(READ_REQUEST, left))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                left = left - len(chunk) if left > 0 else left
+            return b"".join(parts)
 
     def seek(self, offset: int, whence: int = 0) -> int:
         with self._share._translate(self._path):

@@ -167,3 +167,15 @@ def test_share_that_refuses_deletes_keeps_the_file_and_says_why(samba, orthanc, 
     assert report.uploaded == 0
     assert "share rights" in report.stop_reason
     assert samba.password not in report.stop_reason
+
+
+def test_parallel_reads_of_large_files_over_smb_all_succeed(samba, orthanc, tmp_path):
+    """Four parallel reads of 5 MB files on one SMB session: one read request per file would ask for
+    more credits than the session has ("requires 1 credits but only 0 are available") and stop the batch."""
+    sut = smb_share(samba)
+    for p in write_ct_series(tmp_path / "large", 8, side=1600):
+        sut.place(p)
+    report = drain(sut, engine_for(sut, orthanc.url, parallel_uploads=4), sweeps=2)
+    assert report.stop_reason is None
+    assert report.uploaded == 8
+    assert sut.files() == set()
