@@ -207,7 +207,8 @@ def idle_cost(workdir: Path, seconds: float) -> dict:
     try:
         progress("idle stack up; letting the first run start (30 s)")
         time.sleep(30)
-        roots = {Path(p).stem: int(Path(p).read_text().split()[0]) for p in map(str, (workdir / "data" / "run").glob("*.pid"))}
+        pid_files = (workdir / "data" / "run").glob("*.pid")
+        roots = {p.stem: int(p.read_text().split()[0]) for p in pid_files}
         db = workdir / "data" / "prefect"
 
         def db_bytes() -> int:
