@@ -7,11 +7,17 @@ raised when something an operator must fix or wait for stands in the way::
     ├── ConfigError            the site configuration is wrong (unknown key, missing secret, bad value)
     ├── OrthancError
     │   ├── OrthancUnavailable  connection refused, timeout, 5xx: retry later, touch nothing
-    │   └── OrthancAuthError    401/403: credentials wrong, retrying will not help
-    └── ShareError
-        ├── ShareUnavailable    network error, session expired, connection reset: reconnect and retry
-        ├── ShareAuthError      logon failure: credentials wrong
-        └── ShareConfigError    the configured path does not exist or is a DFS link we cannot follow
+    │   ├── OrthancAuthError    401/403: credentials wrong, retrying will not help
+    │   └── StudyNotFound       no Orthanc study matches what was asked for (ID or Study Instance UID)
+    ├── ShareError
+    │   ├── ShareUnavailable    network error, session expired, connection reset: reconnect and retry
+    │   ├── ShareAuthError      logon failure: credentials wrong
+    │   └── ShareConfigError    the configured path does not exist or is a DFS link we cannot follow
+    ├── Hl7EncodingError       a value cannot be written in the configured HL7 charset (unrepresentable=reject)
+    └── Hl7DeliveryError       not acknowledged (carries .attempts); itself: TLS certificate not trusted
+        ├── Hl7PartnerUnavailable  refused, reset, closed before answering, timeout: safe to retry (same MSH-10)
+        ├── Hl7ProtocolError       the answer is not MLLP/HL7, too long, or acknowledges another message
+        └── Hl7Rejected            the partner answered AE/CE (content refused) or, after retries, AR/CR
 
 Clients translate httpx, socket and SMB errors into these at the boundary. Messages are written for an
 operator and never contain patient data or credentials.
@@ -54,3 +60,53 @@ class ShareAuthError(ShareError):
 
 class ShareConfigError(ShareError):
     """The configured share or folder does not exist, or is a DFS link that cannot be followed."""
+
+
+class Hl7EncodingError(WorkflowError):
+    """A value cannot be written in the configured HL7 charset and the settings say to reject it.
+
+    The message names the fields and the charset, never their content.
+    """
+
+
+class Hl7DeliveryError(WorkflowError):
+    """An HL7 message was not acknowledged by the partner. ``attempts`` counts the sends made."""
+
+    def __init__(self, message: str, *, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only attributes must survive pickling: Prefect persists the exception of a failed task.
+        return (_rebuild_hl7_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_hl7_error(cls: type[Hl7DeliveryError], args: tuple[object, ...], state: dict[str, object]) -> Exception:
+    error = Exception.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+class Hl7PartnerUnavailable(Hl7DeliveryError):
+    """Connection refused, reset or closed before a complete answer, or no answer in time.
+
+    Safe to resend: the message keeps its control id (MSH-10), so the partner can recognise a repeat.
+    """
+
+
+class Hl7ProtocolError(Hl7DeliveryError):
+    """The answer is not an MLLP-framed HL7 ACK for our message (e.g. an HTTP error page, too long, wrong MSA-2)."""
+
+
+class Hl7Rejected(Hl7DeliveryError):
+    """The partner answered with a negative acknowledgement: ``code`` is AE/CE/AR/CR, ``text`` its MSA-3/ERR text."""
+
+    def __init__(self, message: str, *, code: str, text: str | None = None, attempts: int = 1) -> None:
+        super().__init__(message, attempts=attempts)
+        self.code = code
+        self.text = text
+
+
+class StudyNotFound(OrthancError):
+    """No Orthanc study matches the ID or Study Instance UID asked for (or it was deleted meanwhile)."""
