@@ -74,6 +74,30 @@ class OrthancClient:
             raise OrthancError(f"Orthanc answered HTTP {r.status_code} to GET {path}")
         return r.json()
 
+    def find_json(self, path: str, **params: Any) -> Any | None:
+        """Like ``get_json``, but None when Orthanc answers 404 (the resource does not exist)."""
+        r = self._request("GET", path, params=params or None)
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise OrthancError(f"Orthanc answered HTTP {r.status_code} to GET {path}")
+        return r.json()
+
+    def post_json(self, path: str, content: bytes | str) -> Any:
+        """``POST path`` with a raw body (e.g. ``/tools/lookup``), answered with JSON. Non-200 raises OrthancError;
+        the body is never put in the message (it may be a patient's identifier)."""
+        r = self._request("POST", path, content=content.encode("utf-8") if isinstance(content, str) else content)
+        if r.status_code != 200:
+            raise OrthancError(f"Orthanc answered HTTP {r.status_code} to POST {path}")
+        return r.json()
+
+    def now_local(self) -> str:
+        """Orthanc's clock in its own local time (``20261203T213912``): what LastUpdate is written in."""
+        r = self._request("GET", "/tools/now-local")
+        if r.status_code != 200:
+            raise OrthancError(f"Orthanc answered HTTP {r.status_code} to GET /tools/now-local")
+        return r.text.strip().strip('"')
+
     def system(self) -> dict[str, Any]:
         """``GET /system``: name, version, API version. Raises OrthancUnavailable/OrthancAuthError."""
         return self.get_json("/system")
@@ -103,6 +127,29 @@ class OrthancClient:
                 "to a name it declares)"
             )
         raise OrthancError(f"Orthanc answered HTTP {r.status_code} when setting metadata {name!r}")
+
+    # -- study metadata (the notification record) ------------------------------------------------------
+    def study_metadata(self, study_id: str, name: str) -> str | None:
+        """``GET /studies/{id}/metadata/{name}``; None when the study has none."""
+        r = self._request("GET", f"/studies/{study_id}/metadata/{name}")
+        if r.status_code == 404:
+            return None
+        if r.status_code != 200:
+            raise OrthancError(f"Orthanc answered HTTP {r.status_code} when reading study metadata {name!r}")
+        return r.text
+
+    def set_study_metadata(self, study_id: str, name: str, value: str) -> None:
+        r = self._request("PUT", f"/studies/{study_id}/metadata/{name}", content=value.encode("utf-8"))
+        if r.status_code != 200:
+            raise OrthancError(
+                f"Orthanc answered HTTP {r.status_code} when writing study metadata {name!r}: is it declared "
+                f'in Orthanc\'s UserMetadata (e.g. "UserMetadata": {{"{name}": 1025}})?'
+            )
+
+    def delete_study_metadata(self, study_id: str, name: str) -> None:
+        r = self._request("DELETE", f"/studies/{study_id}/metadata/{name}")
+        if r.status_code not in (200, 404):
+            raise OrthancError(f"Orthanc answered HTTP {r.status_code} when clearing study metadata {name!r}")
 
     def attachment_md5(self, instance_id: str) -> str | None:
         """MD5 of the file Orthanc stored for an instance, or None when Orthanc keeps no MD5."""
