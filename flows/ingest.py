@@ -12,7 +12,6 @@ sweep is one directory listing: no task run, no log line. A sweep that finds rea
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -40,33 +39,12 @@ def _run_name() -> str:
     return f"ingest-{params.get('share', 'share')}-{start:%Y%m%d-%H%M%S}"
 
 
-@contextmanager
 def share_lock(share: str, wait_seconds: float):
     """Hold the per-share concurrency slot (limit 1) for the whole sweep; yields False if the previous
     run did not hand over within ``wait_seconds``."""
-    from prefect.concurrency.sync import concurrency
+    from tasks.prefect_limits import exclusive, share_limit_name
 
-    from tasks.prefect_limits import ensure_share_limit
-
-    name = ensure_share_limit(share)
-    try:
-        ctx = concurrency(
-            name,
-            occupy=1,
-            timeout_seconds=wait_seconds,
-            strict=True,
-            lease_duration=60,
-            # a brief Prefect server outage must not kill a sweep in the middle of a batch
-            raise_on_lease_renewal_failure=False,
-        )
-        ctx.__enter__()
-    except TimeoutError:
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        ctx.__exit__(None, None, None)
+    return exclusive(share_limit_name(share), wait_seconds)
 
 
 def _artifact(share: str, report: BatchReport, orthanc_url: str) -> None:

@@ -1,0 +1,153 @@
+"""Stable-study watcher: follows Orthanc's change log and starts one ``study-notify`` run per stable study.
+
+Same windowed design as the share sweeps (see flows/ingest.py): one scheduled run reads ``/changes`` every
+few seconds for a window (default 300 s), holding a Prefect lock so that two watchers never overlap; an
+idle read is one HTTP request, no task run, no log line.
+
+Why runs are created with ``run_deployment`` and an idempotency key rather than by an event trigger: an
+emitted event is fire-and-forget (lost while the Prefect server is down), while ``run_deployment`` either
+returns the run or raises, and the same key returns the same run. The cursor (a Prefect Variable) moves only
+after the run exists. An ``orthanc.study.stable`` event is still emitted for each study, for users'
+own automations and the UI's event feed.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from tasks.config import WatchSettings, load_config
+from tasks.errors import OrthancAuthError, OrthancError, WorkflowError
+from tasks.orthanc import client_from_config
+from tasks.prefect_limits import exclusive
+from tasks.readiness import Backoff
+from tasks.watcher import StudyRun, StudyWatcher, WatchCursor
+
+CURSOR_VARIABLE = "orthanc-watch-cursor"
+LOCK = "watch-orthanc"
+EVENT = "orthanc.study.stable"
+
+
+class WatchFailed(WorkflowError):
+    """The watcher ended its window unable to read Orthanc or to create runs; nothing was skipped."""
+
+
+class VariableCursorStore:
+    """The cursor in a Prefect Variable: kept by the Prefect server, so any worker host can take over."""
+
+    def __init__(self, name: str = CURSOR_VARIABLE) -> None:
+        self.name = name
+
+    def load(self) -> WatchCursor | None:
+        from prefect.variables import Variable
+
+        return WatchCursor.from_json(Variable.get(self.name, default=None))
+
+    def save(self, cursor: WatchCursor) -> None:
+        from prefect.variables import Variable
+
+        Variable.set(self.name, cursor.to_json(), overwrite=True)
+
+
+def make_run_creator(settings: WatchSettings):
+    def create_run(run: StudyRun) -> str:
+        from prefect.deployments import run_deployment
+        from prefect.events import emit_event
+
+        tags = ["study"] + ([f"study-uid:{run.study_uid}"] if run.study_uid else [])
+        created = run_deployment(
+            name=settings.deployment,
+            parameters={"study": run.study_id, "stable_at": run.last_update},
+            idempotency_key=run.key,
+            flow_run_name=run.name,
+            tags=tags,
+            timeout=0,
+            as_subflow=False,
+        )
+        emit_event(
+            event=EVENT,
+            resource={"prefect.resource.id": f"orthanc.study.{run.study_id}", "prefect.resource.name": run.name},
+            payload={
+                "study": run.study_id,
+                "study_uid": run.study_uid,
+                "last_update": run.last_update,
+                "flow_run_id": str(created.id),
+                "why": run.why,
+            },
+        )
+        return str(created.id)
+
+    return create_run
+
+
+def _run_name() -> str:
+    start = flow_run.scheduled_start_time or datetime.now(UTC)
+    return f"watch-orthanc-{start:%Y%m%d-%H%M%S}"
+
+
+@flow(name="watch-orthanc", flow_run_name=_run_name, persist_result=False)
+def watch_orthanc(window_seconds: int | None = None, config_path: str | None = None) -> dict[str, Any]:
+    """Follow Orthanc's change log for one window and start a study-notify run for every stable study.
+
+    Args:
+        window_seconds: How long this run keeps watching. Empty: the configured window (default 300 s).
+        config_path: Site config file on the worker. Empty: $OWF_CONFIG, else the embedded default.
+    """
+    logger = get_run_logger()
+    cfg = load_config(config_path)
+    settings = cfg.watch
+    window = window_seconds or settings.window_seconds
+    scheduled = flow_run.scheduled_start_time or datetime.now(UTC)
+    deadline = scheduled + timedelta(seconds=window + settings.handover_seconds)
+    now = datetime.now(UTC)
+    if deadline <= now:
+        logger.info("this run started after its window ended; a newer run follows the log")
+        return {"skipped": "late"}
+    with exclusive(LOCK, wait_seconds=max(1.0, (deadline - now).total_seconds() - settings.interval_seconds)) as got:
+        if not got:
+            logger.info("another watcher is still following the log; this one stands down")
+            return {"skipped": "busy"}
+        with client_from_config(cfg) as orthanc:
+            watcher = StudyWatcher(orthanc, make_run_creator(settings), VariableCursorStore(), settings, logger)
+            created, error = _follow(watcher, settings, deadline, logger)
+    if error:
+        raise WatchFailed(error)
+    return {"runs_created": created, "cursor": watcher.cursor.seq if watcher.cursor else None}
+
+
+def _follow(watcher: StudyWatcher, settings: WatchSettings, deadline: datetime, logger) -> tuple[int, str | None]:
+    backoff = Backoff(settings.interval_seconds, 60.0)
+    failures = 0
+    error: str | None = None
+    created = 0
+    while True:
+        try:
+            report = watcher.poll()
+        except OrthancAuthError:
+            raise  # needs an operator
+        except OrthancError as e:
+            failures += 1
+            if error != str(e):
+                logger.warning("%s; retrying with backoff, nothing is skipped", e)
+            error = str(e)
+        except Exception as e:  # the Prefect API (run creation, cursor) failed: retry, nothing is skipped
+            failures += 1
+            message = f"could not create a study run or save the cursor: {type(e).__name__}: {e}"
+            if error != message:
+                logger.warning("%s; retrying with backoff, nothing is skipped", message)
+            error = message
+        else:
+            if error:
+                logger.info("watching again after: %s", error)
+            error, failures = None, 0
+            for run, run_id in report.runs:
+                created += 1
+                logger.info("study %s %s: run %s (%s)", run.study_id, run.why, run.name, run_id)
+        delay = backoff.delay(failures) if failures else settings.interval_seconds
+        if datetime.now(UTC) + timedelta(seconds=delay) >= deadline:
+            return created, error
+        time.sleep(delay)
