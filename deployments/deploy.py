@@ -17,6 +17,7 @@ import yaml
 from tasks.config import PROJECT_ROOT, SiteConfig
 
 INGEST_ENTRYPOINT = "flows/ingest.py:ingest_share"
+WATCH_ENTRYPOINT = "flows/watch.py:watch_orthanc"
 
 
 def load_prefect_yaml(path: Path | None = None) -> dict[str, Any]:
@@ -58,7 +59,11 @@ def planned_deployments(cfg: SiteConfig, doc: dict[str, Any]) -> list[dict[str, 
                     "tags": d.get("tags", []),
                     "parameters": d.get("parameters", {}),
                     "work_pool": cfg.prefect.work_pool,
-                    "interval": schedules[0].get("interval") if schedules else None,
+                    "interval": (
+                        cfg.watch.window_seconds
+                        if d["entrypoint"] == WATCH_ENTRYPOINT
+                        else (schedules[0].get("interval") if schedules else None)
+                    ),
                 }
             )
     return out

@@ -79,7 +79,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 raise WorkflowError(f"port {lo.http_port} is taken (another Orthanc?): stop it, or set "
                                     "local_orthanc.http_port to a free port")  # fmt: skip
             orthanc = OrthancServer(run / "orthanc", lo.http_port, lo.dicom_port, lo.aet, lo.stable_age_seconds,
-                                    cfg.orthanc_storage_dir, pid_dir=run)  # fmt: skip
+                                    cfg.orthanc_storage_dir, pid_dir=run,
+                                    user_metadata=(cfg.orthanc.source_metadata, cfg.orthanc.notified_metadata,
+                                                   cfg.orthanc.pending_metadata))  # fmt: skip
             started.append(orthanc)
             orthanc.start()
             print(f"Orthanc        {orthanc.url}/app/explorer.html   (DICOM port {lo.dicom_port}, AET {lo.aet})")
@@ -104,6 +106,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         for share in cfg.all_shares:
             where = share.path if share.kind == "local" else f"smb://{share.server}:{share.port}/{share.share}"
             print(f"share          {share.name}: {where} (source {share.source})")
+        hl7 = f"HL7 to {cfg.hl7.host}:{cfg.hl7.port} ({cfg.hl7.message_type})" if cfg.hl7.enabled else "HL7 off"
+        print(f"stable studies reported to {cfg.report_folder}; {hl7}")
         print("running; Ctrl-C or `owf down` stops everything", flush=True)
         if args.detach:
             started.clear()  # leave them running; `owf down` stops them by their PID files
@@ -125,12 +129,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _sweep_now(cfg: SiteConfig) -> None:
-    """Start one ingest run per share right away: the scheduler would otherwise take up to a minute to
-    create the first one. Later scheduled runs wait for it to hand over (per-share lock)."""
+    """Start one ingest run per share and the watcher right away: the scheduler would otherwise take up to a
+    minute to create the first ones. Later scheduled runs wait for them to hand over (Prefect locks)."""
     from prefect.deployments import run_deployment
 
     for share in cfg.all_shares:
         run_deployment(f"ingest-share/ingest-{share.name}", parameters={"share": share.name}, timeout=0)
+    run_deployment("watch-orthanc/watch-orthanc", timeout=0)
 
 
 def cmd_down(args: argparse.Namespace, quiet: bool = False) -> int:

@@ -182,6 +182,9 @@ class OrthancServer:
     extra_config: dict = field(default_factory=dict)
     pid_dir: Path | None = None
     service: Service | None = None
+    # The metadata our flows write: source of every uploaded instance, what was notified for a study, and
+    # a message built but not yet acknowledged. Names as in the site config (orthanc.*_metadata).
+    user_metadata: tuple[str, ...] = ("IngestSource", "HL7Notified", "HL7Pending")
 
     @property
     def url(self) -> str:
@@ -199,7 +202,7 @@ class OrthancServer:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "StableAge": self.stable_age,
-            "UserMetadata": {"IngestSource": 1024},
+            "UserMetadata": {name: 1024 + i for i, name in enumerate(self.user_metadata)},
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "ConcurrentJobs": 2,

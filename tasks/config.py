@@ -23,6 +23,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
+from tasks.hl7_settings import Hl7Settings
+from tasks.study_report import ExtraTag
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "OWF__"
@@ -83,6 +85,16 @@ class OrthancConfig(Credentials):
         "IngestSource",
         description="Name of the Orthanc user metadata (declared in Orthanc's UserMetadata) that carries "
         "the share's source name on every uploaded instance.",
+    )
+    notified_metadata: str = Field(
+        "HL7Notified",
+        description="Study metadata (declared in Orthanc's UserMetadata) that records what was last "
+        "notified for a study, so a study is never notified twice for the same content.",
+    )
+    pending_metadata: str = Field(
+        "HL7Pending",
+        description="Study metadata holding a message built but not yet acknowledged, so a rerun resends "
+        "exactly the same bytes.",
     )
 
 
@@ -170,6 +182,38 @@ class IngestOverrides(_Strict):
         return None if v is None else _quarantine_folder(v)
 
 
+class WatchSettings(_Strict):
+    """How Orthanc's change log is followed to find stable studies."""
+
+    interval_seconds: float = Field(2.0, gt=0, le=3600, description="Pause between two reads of /changes.")
+    window_seconds: int = Field(300, ge=10, le=86400, description="One scheduled watcher run follows the log "
+                                "this long; the next run takes over (same design as the share sweeps).")  # fmt: skip
+    handover_seconds: int = Field(15, ge=0, le=600)
+    settle_seconds: int = Field(
+        180,
+        ge=1,
+        description="A study that stopped receiving images this long ago but never got a StableStudy change "
+        "(Orthanc restarted while it was settling) is processed anyway. Must exceed Orthanc's StableAge.",
+    )
+    horizon: str = Field(
+        "",
+        description="Studies last updated before this moment (Orthanc's LastUpdate, e.g. 20260101T000000) are "
+        "never notified when the change log must be rebuilt. Empty: when the watcher first ran.",
+    )
+    deployment: str = Field("study-notify/study-notify", description="Deployment each stable study runs.")
+
+
+class ReportSettings(_Strict):
+    """The per-study report."""
+
+    folder: Path | None = Field(None, description="Where CSV and JSON reports go. Default <data_dir>/reports.")
+    extra_tags: list[ExtraTag] = Field(
+        default_factory=list,
+        description="DICOM attributes added as report columns: keywords (BodyPartExamined) or, for private "
+        'tags, {keyword: ScannerMode, tag: "0019,10a0"}.',
+    )
+
+
 class _ShareBase(Credentials):
     name: str = Field(description="Lower-case name; the deployment is called ingest-<name>.")
     source: str = Field(
@@ -222,6 +266,9 @@ class SiteConfig(_Strict):
     local_orthanc: LocalOrthancConfig = Field(default_factory=LocalOrthancConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
     ingest: IngestSettings = Field(default_factory=IngestSettings)
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+    hl7: Hl7Settings = Field(default_factory=Hl7Settings)
     shares: list[ShareConfig] | None = Field(
         None, description="Default: one local share 'inbox' at <data_dir>/inbox with source INBOX."
     )
@@ -257,6 +304,10 @@ class SiteConfig(_Strict):
     @property
     def orthanc_storage_dir(self) -> Path:
         return self.local_orthanc.storage_dir or self.data_dir / "orthanc"
+
+    @property
+    def report_folder(self) -> Path:
+        return self.report.folder or self.data_dir / "reports"
 
     @property
     def prefect_home(self) -> Path:
@@ -349,6 +400,7 @@ def _resolve_paths(cfg: SiteConfig, base: Path) -> SiteConfig:
             "orthanc": cfg.orthanc.model_copy(update={"ca_bundle": fix(cfg.orthanc.ca_bundle)}),
             "local_orthanc": cfg.local_orthanc.model_copy(update={"storage_dir": fix(cfg.local_orthanc.storage_dir)}),
             "prefect": cfg.prefect.model_copy(update={"home": fix(cfg.prefect.home)}),
+            "report": cfg.report.model_copy(update={"folder": fix(cfg.report.folder)}),
         }
     )
 

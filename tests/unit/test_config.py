@@ -657,12 +657,22 @@ def test_share_kind_may_be_left_out(share, kind):
 
 def test_the_documented_example_config_is_valid_and_complete():
     """deployments/site.example.yaml documents every key: it must parse, and name every setting there is."""
-    from tasks.config import PROJECT_ROOT, IngestSettings, LocalOrthancConfig, OrthancConfig, PrefectConfig
+    from tasks.config import (
+        PROJECT_ROOT,
+        IngestSettings,
+        LocalOrthancConfig,
+        OrthancConfig,
+        PrefectConfig,
+        ReportSettings,
+        WatchSettings,
+    )
+    from tasks.hl7_settings import Hl7Settings
 
     path = PROJECT_ROOT / "deployments" / "site.example.yaml"
     cfg = load_config(path, environ={})
     assert [s.name for s in cfg.all_shares] == ["inbox", "ct-room1"]
     doc = yaml.safe_load(path.read_text())
     for section, model in [("orthanc", OrthancConfig), ("local_orthanc", LocalOrthancConfig),
-                           ("prefect", PrefectConfig), ("ingest", IngestSettings)]:  # fmt: skip
+                           ("prefect", PrefectConfig), ("ingest", IngestSettings), ("watch", WatchSettings),
+                           ("report", ReportSettings), ("hl7", Hl7Settings)]:  # fmt: skip
         assert set(doc[section]) == set(model.model_fields), section
