@@ -80,8 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                                     "local_orthanc.http_port to a free port")  # fmt: skip
             orthanc = OrthancServer(run / "orthanc", lo.http_port, lo.dicom_port, lo.aet, lo.stable_age_seconds,
                                     cfg.orthanc_storage_dir, pid_dir=run,
-                                    user_metadata=(cfg.orthanc.source_metadata, cfg.orthanc.notified_metadata,
-                                                   cfg.orthanc.pending_metadata))  # fmt: skip
+                                    user_metadata=cfg.orthanc.user_metadata)  # fmt: skip
             started.append(orthanc)
             orthanc.start()
             print(f"Orthanc        {orthanc.url}/app/explorer.html   (DICOM port {lo.dicom_port}, AET {lo.aet})")

@@ -184,7 +184,7 @@ class OrthancServer:
     service: Service | None = None
     # The metadata our flows write: source of every uploaded instance, what was notified for a study, and
     # a message built but not yet acknowledged. Names as in the site config (orthanc.*_metadata).
-    user_metadata: tuple[str, ...] = ("IngestSource", "HL7Notified", "HL7Pending")
+    user_metadata: tuple[str, ...] = ("IngestSource", "HL7Notified", "HL7Pending", "RouteDeliveries")
 
     @property
     def url(self) -> str:
@@ -208,6 +208,8 @@ class OrthancServer:
             "ConcurrentJobs": 2,
             "HttpThreadsCount": 16,
             "SaveJobs": True,
+            # Routing: Orthanc transcodes when an archive refuses the stored transfer syntax (C21).
+            "TranscodeDicomProtocol": True,
             "Plugins": [],
         }
         cfg.update(self.extra_config)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tasks.errors import ConfigError
 from tasks.hl7_settings import Hl7Settings
+from tasks.routing_config import Destination, Route, RoutingSettings, validate_routing
 from tasks.study_report import ExtraTag
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -96,6 +97,16 @@ class OrthancConfig(Credentials):
         description="Study metadata holding a message built but not yet acknowledged, so a rerun resends "
         "exactly the same bytes.",
     )
+    routes_metadata: str = Field(
+        "RouteDeliveries",
+        description="Study metadata recording what each route delivered where, so a rerun does not send the same "
+        "content twice.",
+    )
+
+    @property
+    def user_metadata(self) -> tuple[str, ...]:
+        """Every metadata name our flows write; Orthanc must declare each in its UserMetadata."""
+        return (self.source_metadata, self.notified_metadata, self.pending_metadata, self.routes_metadata)
 
 
 class LocalOrthancConfig(_Strict):
@@ -269,6 +280,9 @@ class SiteConfig(_Strict):
     watch: WatchSettings = Field(default_factory=WatchSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
     hl7: Hl7Settings = Field(default_factory=Hl7Settings)
+    destinations: list[Destination] = Field(default_factory=list, description="Where routes send studies.")
+    routes: list[Route] = Field(default_factory=list, description="Morph-and-route branches, in order.")
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     shares: list[ShareConfig] | None = Field(
         None, description="Default: one local share 'inbox' at <data_dir>/inbox with source INBOX."
     )
@@ -291,6 +305,19 @@ class SiteConfig(_Strict):
         if dupes:
             raise ValueError(f"share names must be unique; repeated: {', '.join(dupes)}")
         return self
+
+    @model_validator(mode="after")
+    def _routes_fit(self) -> SiteConfig:
+        problems = validate_routing(self.routes, self.destinations, self.routing)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def destination(self, name: str) -> Destination:
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        raise ConfigError(f"no destination named {name!r} in the configuration")
 
     # Derived values -----------------------------------------------------------------------------------
     @property

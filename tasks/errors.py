@@ -14,10 +14,14 @@ raised when something an operator must fix or wait for stands in the way::
     │   ├── ShareAuthError      logon failure: credentials wrong
     │   └── ShareConfigError    the configured path does not exist or is a DFS link we cannot follow
     ├── Hl7EncodingError       a value cannot be written in the configured HL7 charset (unrepresentable=reject)
-    └── Hl7DeliveryError       not acknowledged (carries .attempts); itself: TLS certificate not trusted
-        ├── Hl7PartnerUnavailable  refused, reset, closed before answering, timeout: safe to retry (same MSH-10)
-        ├── Hl7ProtocolError       the answer is not MLLP/HL7, too long, or acknowledges another message
-        └── Hl7Rejected            the partner answered AE/CE (content refused) or, after retries, AR/CR
+    ├── Hl7DeliveryError       not acknowledged (carries .attempts); itself: TLS certificate not trusted
+    │   ├── Hl7PartnerUnavailable  refused, reset, closed before answering, timeout: safe to retry (same MSH-10)
+    │   ├── Hl7ProtocolError       the answer is not MLLP/HL7, too long, or acknowledges another message
+    │   └── Hl7Rejected            the partner answered AE/CE (content refused) or, after retries, AR/CR
+    └── RouteError             a route could not do its work
+        ├── DestinationUnknown  Orthanc has no modality/peer of that name: fix the configuration
+        ├── CopyFailed          Orthanc could not make the modified/anonymized copy
+        └── DeliveryFailed      the destination did not confirm every instance: retried with backoff
 
 Clients translate httpx, socket and SMB errors into these at the boundary. Messages are written for an
 operator and never contain patient data or credentials.
@@ -110,3 +114,21 @@ class Hl7Rejected(Hl7DeliveryError):
 
 class StudyNotFound(OrthancError):
     """No Orthanc study matches the ID or Study Instance UID asked for (or it was deleted meanwhile)."""
+
+
+class RouteError(WorkflowError):
+    """A route could not do its work. Messages name the route, the destination and Orthanc's reason."""
+
+
+class DestinationUnknown(RouteError):
+    """Orthanc knows no modality or peer of that name, and the config does not say how to reach it."""
+
+
+class CopyFailed(RouteError):
+    """Orthanc's modify or anonymize job failed; the original study is untouched."""
+
+
+class DeliveryFailed(RouteError):
+    """The destination did not confirm every instance (unreachable, refused, fewer instances than sent).
+
+    Safe to retry: a C-STORE of the same instances again is accepted by archives (same SOP Instance UIDs)."""

@@ -88,6 +88,8 @@ _OBSERVATIONS: dict[str, tuple[str, str]] = {
     "exposure_mas": ("Exposure", "mA.s^mAs^UCUM"),
     "dose_source": ("Dose source", ""),
     "warnings": ("Report warnings", ""),
+    "routes": ("Routes", ""),
+    "routed_study_uids": ("Study Instance UID per destination", ""),
 }
 
 # Modalities that describe documents rather than the acquisition; OBR-24/IPC-5 prefer an imaging one.
@@ -472,3 +474,22 @@ def _apply_field_map(
             segment.set_component(int(match["field"]), int(match["component"]), value)
         else:
             segment.fields[int(match["field"])] = value
+
+
+MASK = "***"
+
+
+def masked(text: str) -> str:
+    """The message as text for people who may not see patient data (the Prefect UI): every PID field after
+    PID-1 and the referring physician (OBR-16) become ``***``; segments end in newlines for display."""
+    lines = []
+    for segment in text.split(SEGMENT_TERMINATOR):
+        if not segment:
+            continue
+        fields = segment.split(FIELD_SEPARATOR)
+        if fields[0] == "PID":
+            fields = fields[:2] + [MASK if f else "" for f in fields[2:]]
+        elif fields[0] == "OBR" and len(fields) > 16 and fields[16]:
+            fields[16] = MASK
+        lines.append(FIELD_SEPARATOR.join(fields))
+    return "\n".join(lines)

@@ -94,6 +94,11 @@ class Hl7Settings(BaseModel):
         description="Assigning authority (PID-3, CX.4) used when the study carries no IssuerOfPatientID: a "
         "namespace, or namespace&universal id&type (e.g. HOSP&1.2.3.4&ISO).",
     )
+    show_phi_in_ui: bool = Field(
+        False,
+        description="Show the sent message with patient fields in the Prefect UI. Off: PID and the referring "
+        "physician are masked in the run's HL7 artifact (every UI user can read artifacts).",
+    )
     field_map: dict[str, str] = Field(
         default_factory=dict,
         description="Extra placements, applied after the built-in ones: HL7 field path -> report column, e.g. "

@@ -173,6 +173,7 @@ class DeliveryResult:
     ack: AckResult
     attempts: int
     seconds: float
+    answer: bytes = b""  # the ACK as received, framing removed
 
 
 def deliver(
@@ -214,7 +215,7 @@ def deliver(
         else:
             ack = parse_ack(answer, message.control_id)
             if ack.accepted:
-                return DeliveryResult(ack=ack, attempts=attempt, seconds=time.monotonic() - started)
+                return DeliveryResult(ack=ack, attempts=attempt, seconds=time.monotonic() - started, answer=answer)
             ours = ack.control_id == message.control_id
             if ours and ack.code in ERROR_CODES:
                 raise Hl7Rejected(

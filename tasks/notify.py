@@ -10,6 +10,7 @@ from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from tasks.errors import OrthancUnavailable
 from tasks.hl7_messages import OutgoingMessage
@@ -32,8 +33,13 @@ def _orthanc_unavailable(task, task_run, state) -> bool:
     return False
 
 
+# Task inputs include live clients, which cannot be hashed: no result caching (every task here does I/O that must
+# happen each time anyway).
+NO_CACHING = {"cache_policy": NO_CACHE}
+
 # Reading Orthanc is safe to repeat; a short retry rides over a busy moment.
-ORTHANC_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _orthanc_unavailable}
+ORTHANC_RETRIES = {"retries": 2, "retry_delay_seconds": [2, 10], "retry_condition_fn": _orthanc_unavailable,
+                   **NO_CACHING}  # fmt: skip
 
 
 @task(name="find-study", **ORTHANC_RETRIES)
@@ -54,7 +60,7 @@ def same_uid_studies(orthanc: OrthancClient, study_id: str, study_uid: str | Non
     return [s for s in resolve_study(orthanc, study_uid) if s != study_id]
 
 
-@task(name="write-report")
+@task(name="write-report", **NO_CACHING)
 def write_report(row: ReportRow, folder: Path, stem: str, title: str) -> tuple[Path, Path]:
     """The report as CSV and JSON files and as a table artifact on the run."""
     csv_path, json_path = write_report_files(row, folder, stem)
@@ -75,7 +81,7 @@ def keep_pending(orthanc: OrthancClient, study_id: str, name: str, pending: Pend
     orthanc.set_study_metadata(study_id, name, dump(pending))
 
 
-@task(name="send-hl7")
+@task(name="send-hl7", **NO_CACHING)
 def send_hl7(message: OutgoingMessage, settings: Hl7Settings) -> DeliveryResult:
     """Deliver over MLLP with the bounded retry policy of ``tasks.mllp.deliver`` (the same control id on
     every attempt, so a partner that got it twice can tell). Prefect does not retry this task on top."""

@@ -77,7 +77,7 @@ def decide(notified: Notified | None, pending: Pending | None, digest: str, forc
             return Decision.UPDATE, "already notified with this content; sent again because the run was forced"
         return Decision.NOTHING, (
             f"already notified with this content at {notified.sent_at} (control id {notified.control_id}): "
-            "nothing sent; run with force=true to send again"
+            "nothing sent; run with resend_hl7=true to send again"
         )
     return Decision.UPDATE, (
         f"notified before at {notified.sent_at} with other content (then {notified.instances} instances): "

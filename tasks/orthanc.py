@@ -68,6 +68,17 @@ class OrthancClient:
             raise OrthancUnavailable(f"Orthanc at {self.url} answered HTTP {r.status_code} to {method} {path}")
         return r
 
+    def call(self, method: str, path: str, *, json_body: Any = None, content: bytes | None = None) -> httpx.Response:
+        """One request whose answer the caller judges, whatever its status (Orthanc answers 500 for a
+        destination it cannot reach). Transport errors and 401/403 still raise; nothing else does."""
+        try:
+            r = self._http.request(method, path, json=json_body, content=content)
+        except httpx.TransportError as e:
+            raise OrthancUnavailable(f"Orthanc at {self.url} unreachable: {_first_line(e)}") from e
+        if r.status_code in (401, 403):
+            raise OrthancAuthError(f"Orthanc at {self.url} refused our credentials (HTTP {r.status_code})")
+        return r
+
     def get_json(self, path: str, **params: Any) -> Any:
         r = self._request("GET", path, params=params or None)
         if r.status_code != 200:
@@ -157,6 +168,19 @@ class OrthancClient:
         if r.status_code != 200:
             return None
         return r.text.strip().strip('"') or None
+
+
+def orthanc_error(r: httpx.Response) -> str:
+    """Orthanc's own explanation of a failed call (its Details, else its Message), one line."""
+    try:
+        doc = json.loads(r.content)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        text = str(doc.get("Details") or doc.get("Message") or "").strip()
+        if text:
+            return text.splitlines()[0][:300]
+    return f"HTTP {r.status_code}"
 
 
 def _orthanc_status(r: httpx.Response) -> int | None:

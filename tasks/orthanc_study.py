@@ -17,6 +17,7 @@ Orthanc, so every function is safe to retry.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,9 +37,10 @@ def _clean(text: str) -> str:
 def resolve_study(client: OrthancClient, text: str) -> list[str]:
     """The Orthanc study IDs that what an operator typed stands for.
 
-    ``text`` is an Orthanc study ID (returned as is once Orthanc confirms it exists) or a Study Instance UID
-    (looked up: more than one ID when the UID was stored under several Patient IDs, C10). Raises
-    StudyNotFound when nothing matches; the message never repeats a UID (it identifies a patient's study).
+    ``text`` is an Orthanc study ID (returned as is once Orthanc confirms it exists), a Study Instance UID
+    (looked up: more than one ID when the UID was stored under several Patient IDs, C10) or an accession
+    number (every study that carries it). Raises StudyNotFound when nothing matches; the message never
+    repeats what was typed (it identifies a patient's study).
     """
     value = _clean(text)
     if ORTHANC_ID.fullmatch(value.lower()):
@@ -46,19 +48,28 @@ def resolve_study(client: OrthancClient, text: str) -> list[str]:
         if client.find_json(f"/studies/{study_id}") is None:
             raise StudyNotFound(f"Orthanc has no study with ID {study_id}")
         return [study_id]
-    if not value or len(value) > 64 or not DICOM_UID.fullmatch(value):
+    if not value or len(value) > 64:
         raise StudyNotFound(
-            f"the text given ({len(value)} characters) is neither an Orthanc study ID "
-            "(xxxxxxxx-xxxxxxxx-xxxxxxxx-xxxxxxxx-xxxxxxxx) nor a Study Instance UID (digits and dots)"
+            f"the text given ({len(value)} characters) is not an Orthanc study ID "
+            "(xxxxxxxx-xxxxxxxx-xxxxxxxx-xxxxxxxx-xxxxxxxx), a Study Instance UID or an accession number"
         )
-    found = _lookup(client, value)
-    studies = [r["ID"] for r in found if r.get("Type") == "Study"]
-    if studies:
-        return studies
-    kinds = sorted({str(r.get("Type", "?")).lower() for r in found})
+    kinds: list[str] = []
+    if DICOM_UID.fullmatch(value):
+        found = _lookup(client, value)
+        studies = [r["ID"] for r in found if r.get("Type") == "Study"]
+        if studies:
+            return studies
+        kinds = sorted({str(r.get("Type", "?")).lower() for r in found})
+    by_accession: Any = []
+    if not any(c in value for c in "*?\\"):  # Orthanc would read * and ? as wildcards
+        by_accession = client.post_json(
+            "/tools/find", json.dumps({"Level": "Study", "Query": {"AccessionNumber": value}})
+        )
+    if isinstance(by_accession, list) and by_accession:
+        return sorted(str(s) for s in by_accession)
     if kinds:
         raise StudyNotFound(f"the UID given names a {' and a '.join(kinds)} in Orthanc, not a study")
-    raise StudyNotFound("Orthanc has no study with the Study Instance UID given")
+    raise StudyNotFound("Orthanc has no study with the Study Instance UID or accession number given")
 
 
 def _lookup(client: OrthancClient, uid: str) -> list[Mapping[str, Any]]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectNotFound
 
 
@@ -14,14 +15,33 @@ def share_limit_name(share: str) -> str:
     return f"ingest-{share}"
 
 
-def ensure_limit(name: str) -> str:
-    """Create the limit ``name`` (1 slot) if it does not exist yet; return its name."""
+STUDY_LOCKS = 16
+
+
+def study_lock_name(study_id: str) -> str:
+    """One of ``STUDY_LOCKS`` locks, chosen by the study: two runs of one study always meet on the same lock,
+    two different studies rarely do (and then only wait for each other). A fixed set keeps the number of
+    concurrency limits in the Prefect server bounded, however many studies pass."""
+    digest = hashlib.sha256(study_id.encode()).digest()
+    return f"study-{int.from_bytes(digest[:4], 'big') % STUDY_LOCKS:02d}"
+
+
+def ensure_limit(name: str, limit: int = 1) -> str:
+    """Create the limit ``name`` with ``limit`` slots if it does not exist yet (or set its size if the
+    configuration changed); return its name."""
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(name)
+            existing = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+        else:
+            if existing.limit != limit:
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
     return name
+
+
+def destination_limit_name(destination: str) -> str:
+    return f"destination-{destination}"
 
 
 def ensure_share_limit(share: str) -> str:

@@ -11,9 +11,12 @@ from collections.abc import Mapping
 
 from tasks.config import Credentials
 from tasks.errors import ConfigError
+from tasks.routing_config import Destination
 
 
-def resolve_password(creds: Credentials, what: str, environ: Mapping[str, str] | None = None) -> str | None:
+def resolve_password(
+    creds: Credentials | Destination, what: str, environ: Mapping[str, str] | None = None
+) -> str | None:
     """The password for ``what`` (e.g. "share 'ct-room1'"), or None when none is configured."""
     env = os.environ if environ is None else environ
     if creds.password_env:

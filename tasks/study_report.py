@@ -124,6 +124,8 @@ REPORT_COLUMNS: tuple[str, ...] = (
     "exposure_mas",
     "dose_source",
     "warnings",
+    "routes",
+    "routed_study_uids",
 )
 
 INT_COLUMNS = frozenset({"number_of_series", "number_of_instances", "number_of_frames"})
@@ -644,9 +646,19 @@ def build_row(
             extras[extra.keyword] = _extra_value(extra, docs.instances, warnings)
 
     values["warnings"] = "; ".join(warnings) or None
+    values["routes"] = values["routed_study_uids"] = None  # filled in by the study flow once routes ran
     ordered = {c: values[c] for c in REPORT_COLUMNS}
     ordered.update(extras)
     return ReportRow(values=ordered, warnings=warnings)
+
+
+def with_routes(row: ReportRow, routes: str | None, routed_study_uids: str | None) -> ReportRow:
+    """The row with the routing columns set: ``routes`` says which routes delivered where
+    ("name: delivered to archive; ..."), ``routed_study_uids`` which Study Instance UID went where when a route
+    changed it ("archive=2.25..."). None: nothing routed / no UID changed."""
+    values = dict(row.values)
+    values["routes"], values["routed_study_uids"] = routes, routed_study_uids
+    return ReportRow(values=values, warnings=list(row.warnings))
 
 
 # -- presentation ---------------------------------------------------------------------------------------------
@@ -757,5 +769,6 @@ __all__ = [
     "report_frame",
     "round_dose",
     "table_for_artifact",
+    "with_routes",
     "write_report_files",
 ]

@@ -106,7 +106,7 @@ def test_stable_study_is_reported_and_notified_once_with_its_values(prefect_serv
     assert field(partner.received[1], "OBR-25") == "C"
 
     # a forced rerun resends
-    forced = study_notify(study=study_id, force=True, config_path=cfg)
+    forced = study_notify(study=study_id, resend_hl7=True, config_path=cfg)
     assert forced[study_id]["decision"] == "update"
     assert len(partner.received) == 3
 

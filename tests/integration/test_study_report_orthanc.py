@@ -219,15 +219,19 @@ def test_resolve_study_by_orthanc_id_or_study_instance_uid(orthanc, client, case
     assert resolve_study(client, study) == [study]
     assert resolve_study(client, f"  {study.upper()}\n") == [study]
     assert resolve_study(client, f" {uid} ") == [study]
+    accession = pydicom.dcmread(cases / "C18_multiframe_3frames.dcm", stop_before_pixels=True).AccessionNumber
+    assert resolve_study(client, accession) == [study]
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("00000000-00000000-00000000-00000000-00000000", "Orthanc has no study with ID"),
-        ("1.2.3.4.5.6.7.8.9", "Orthanc has no study with the Study Instance UID given"),
-        ("Kim^Jisoo", "neither an Orthanc study ID"),
-        ("", "neither an Orthanc study ID"),
+        ("1.2.3.4.5.6.7.8.9", "Orthanc has no study with the Study Instance UID or accession number given"),
+        ("Kim^Jisoo", "Orthanc has no study with the Study Instance UID or accession number given"),
+        ("ACC*", "Orthanc has no study with the Study Instance UID or accession number given"),  # no wildcards
+        ("", "is not an Orthanc study ID"),
+        ("x" * 65, "is not an Orthanc study ID"),
         ("series-uid", "names a series in Orthanc, not a study"),
         ("patient-id", "names a patient in Orthanc, not a study"),
     ],

@@ -667,6 +667,7 @@ def test_the_documented_example_config_is_valid_and_complete():
         WatchSettings,
     )
     from tasks.hl7_settings import Hl7Settings
+    from tasks.routing_config import AnonymizeSpec, Destination, ModifySpec, Route, RouteWhen, RoutingSettings
 
     path = PROJECT_ROOT / "deployments" / "site.example.yaml"
     cfg = load_config(path, environ={})
@@ -674,5 +675,12 @@ def test_the_documented_example_config_is_valid_and_complete():
     doc = yaml.safe_load(path.read_text())
     for section, model in [("orthanc", OrthancConfig), ("local_orthanc", LocalOrthancConfig),
                            ("prefect", PrefectConfig), ("ingest", IngestSettings), ("watch", WatchSettings),
-                           ("report", ReportSettings), ("hl7", Hl7Settings)]:  # fmt: skip
+                           ("report", ReportSettings), ("hl7", Hl7Settings),
+                           ("routing", RoutingSettings)]:  # fmt: skip
         assert set(doc[section]) == set(model.model_fields), section
+    assert set().union(*(d.keys() for d in doc["destinations"])) == set(Destination.model_fields)
+    first = doc["routes"][0]
+    assert set(first) == set(Route.model_fields) - {"anonymize"}
+    assert set(first["when"]) == set(RouteWhen.model_fields)
+    assert set(first["modify"]) == set(ModifySpec.model_fields)
+    assert set(doc["routes"][1]["anonymize"]) == set(AnonymizeSpec.model_fields)

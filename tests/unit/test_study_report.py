@@ -104,7 +104,7 @@ def test_report_columns_are_pinned():
         "patient_name", "patient_birth_date", "patient_sex", "study_date", "study_time", "study_description",
         "modalities", "institution_name", "station_names", "referring_physician", "number_of_series",
         "number_of_instances", "number_of_frames", "sources", "ctdivol_mgy", "dlp_mgycm", "dap_gycm2", "kvp",
-        "exposure_mas", "dose_source", "warnings",
+        "exposure_mas", "dose_source", "warnings", "routes", "routed_study_uids",
     )  # fmt: skip
 
 
