@@ -140,3 +140,41 @@ def test_unknown_study_fails_with_a_clear_message(prefect_server, orthanc, partn
     with pytest.raises(StudyNotFound, match=r"1\.2\.3\.4\.5"):
         study_notify(study="1.2.3.4.5", config_path=site_config(tmp_path, orthanc.url, partner.port))
     assert partner.received == []
+
+
+@pytest.mark.parametrize(
+    ("file", "charset", "codec", "name", "warned"),
+    [
+        ("C12_latin1_umlauts.dcm", "UNICODE UTF-8", "utf-8", "Müller^Jürgen", False),
+        ("C12_latin1_umlauts.dcm", "8859/1", "latin-1", "Müller^Jürgen", False),
+        ("C12b_utf8_iso_ir_192.dcm", "UNICODE UTF-8", "utf-8", "Łukasiewicz^Zoë", False),
+        ("C12b_utf8_iso_ir_192.dcm", "8859/1", "latin-1", "Lukasiewicz^Zoë", True),  # Ł has no 8859/1 byte
+        ("C12b_utf8_iso_ir_192.dcm", "ASCII", "ascii", "Lukasiewicz^Zoe", True),
+        ("C14_pn_prefix_suffix.dcm", "UNICODE UTF-8", "utf-8", "Rivera^Ana^Maria^III^Dr.", False),
+    ],
+)
+def test_c12_c14_names_reach_the_partner_exactly_in_the_charset_msh18_names(
+    prefect_server, orthanc, tmp_path, cases, caplog, file, charset, codec, name, warned
+):
+    """Through Orthanc (which stores the file's own charset) and the flow to a partner decoding with the codec
+    MSH-18 names: the name decodes back exactly, or transliterated with a warning that does not show it."""
+    from flows.study import study_notify
+
+    partner = Partner(free_port(), encoding=codec).start()
+    try:
+        r = httpx.post(orthanc.url + "/instances", content=(cases / file).read_bytes(), timeout=30)
+        study_id = r.json()["ParentStudy"]
+        study_notify(study=study_id, config_path=site_config(tmp_path, orthanc.url, partner.port, charset=charset))
+        [raw] = partner.raw
+        [msg] = partner.received
+    finally:
+        partner.stop()
+    msh18 = field(msg, "MSH-18") if charset != "ASCII" else raw.split(b"\r")[0].split(b"|")[17:18]
+    assert msh18 == (charset if charset != "ASCII" else [])  # ASCII: MSH-18 left out (the HL7 default)
+    assert field(msg, "PID-5") == name
+    assert name.encode(codec) in raw  # the bytes on the wire are in that charset, not mixed
+    if codec != "utf-8":
+        assert "Ã" not in raw.decode("latin-1")  # no UTF-8 bytes read as Latin-1 (mojibake)
+    warnings = [r.getMessage() for r in caplog.records if "not representable" in r.getMessage()]
+    assert bool(warnings) is warned
+    assert not any("Łukasiewicz" in w or "ukasiewicz" in w for w in warnings)
