@@ -74,14 +74,12 @@ def _artifact(share: str, report: BatchReport, orthanc_url: str) -> None:
 
 
 @flow(name="ingest-share", flow_run_name=_run_name, persist_result=False)
-def ingest_share(
-    share: str = "inbox", window_seconds: int | None = None, config_path: str | None = None
-) -> dict[str, Any]:
+def ingest_share(share: str = "inbox", window_seconds: int = 0, config_path: str = "") -> dict[str, Any]:
     """Sweep one configured share into Orthanc for one window.
 
     Args:
         share: Name of the share in the site configuration (e.g. inbox, ct-room1).
-        window_seconds: How long this run keeps sweeping. Empty: the configured window (default 300 s).
+        window_seconds: How long this run keeps sweeping; 0: the configured window (default 300 s).
         config_path: Site config file on the worker. Empty: $OWF_CONFIG, else the embedded default.
     """
     logger = get_run_logger()

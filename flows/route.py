@@ -50,7 +50,7 @@ def _route(cfg: SiteConfig, name: str):
 
 
 @flow(name="route", flow_run_name="route-{route_name}", persist_result=False)
-def route_study(study_id: str, route_name: str, force: bool = False, config_path: str | None = None) -> dict[str, Any]:
+def route_study(study_id: str, route_name: str, force: bool = False, config_path: str = "") -> dict[str, Any]:
     """Apply one route to one study and deliver it to the route's destinations.
 
     Args:

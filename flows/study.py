@@ -50,9 +50,17 @@ class StudyRunFailed(WorkflowError):
 NotificationFailed = StudyRunFailed
 
 
+_NAME_SAFE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def _run_name() -> str:
-    study = str((flow_run.parameters or {}).get("study", "study"))
-    return f"study-{study[:64]}"
+    """Keep the name the watcher gave (``study-<accession>``); a run started by hand is named after what the
+    operator typed when it looks like an identifier, never after anything else (it could be a patient's name)."""
+    current = flow_run.name or ""
+    if current.startswith("study-"):
+        return current
+    study = str((flow_run.parameters or {}).get("study", "")).strip()
+    return f"study-{study}" if _NAME_SAFE.fullmatch(study) else "study-manual"
 
 
 @flow(name="study-notify", flow_run_name=_run_name, persist_result=False)
@@ -60,9 +68,9 @@ def study_notify(
     study: str,
     resend_hl7: bool = False,
     rerun_routes: bool = False,
-    only_route: str | None = None,
-    stable_at: str | None = None,
-    config_path: str | None = None,
+    only_route: str = "",
+    stable_at: str = "",
+    config_path: str = "",
 ) -> dict[str, Any]:
     """Report a stable study, route it, and notify the HL7 partner.
 
@@ -71,13 +79,14 @@ def study_notify(
         resend_hl7: Send the HL7 notification even if the partner already acknowledged the same content.
         rerun_routes: Deliver every matching route again, even where the same content was already delivered.
         only_route: Run just this route (by name), delivered again even if it was already, whatever it
-            matches; no other route runs. The HL7 partner gets an update only if the outcome changed.
+            matches; no other route runs. Empty: every matching route. The HL7 partner gets an update only
+            if the outcome changed.
         stable_at: Set by the watcher: Orthanc's LastUpdate of the study when it was found stable.
         config_path: Site config file on the worker. Empty: $OWF_CONFIG, else the embedded default.
     """
     logger = get_run_logger()
     cfg = load_config(config_path)
-    if only_route is not None and only_route not in [r.name for r in cfg.routes]:
+    if only_route and only_route not in [r.name for r in cfg.routes]:
         known = ", ".join(r.name for r in cfg.routes) or "none"
         raise StudyRunFailed(f"only_route: no route named {only_route!r} in the configuration (routes: {known})")
     outcomes: dict[str, Any] = {}
@@ -126,7 +135,8 @@ def _one_study(cfg: SiteConfig, orthanc, study_id: str, resend_hl7: bool, rerun_
     # -- routes ---------------------------------------------------------------------------------------------
     facts = study_facts(docs, cfg.orthanc.source_metadata)
     plan = forced_plan(cfg.routes, only_route) if only_route else plan_routes(facts, cfg.routes, cfg.routing)
-    _tag_run([f"source:{s}" for s in facts.sources] + [f"route:{r.name}" for r in plan.to_run]
+    uid_tag = [f"study-uid:{tags['StudyInstanceUID']}"] if tags.get("StudyInstanceUID") else []
+    _tag_run(uid_tag + [f"source:{s}" for s in facts.sources] + [f"route:{r.name}" for r in plan.to_run]
              + [f"destination:{d}" for r in plan.to_run for d in r.to])  # fmt: skip
     failures: dict[str, str] = {}
     for route in plan.to_run:
@@ -149,7 +159,8 @@ def _one_study(cfg: SiteConfig, orthanc, study_id: str, resend_hl7: bool, rerun_
 
     name = run_name(tags.get("AccessionNumber"), tags.get("StudyInstanceUID"), study_id)
     now = datetime.now(UTC)
-    write_report_task(row, cfg.report_folder, f"{name}-{now:%Y%m%dT%H%M%S}", f"Report of {name}")
+    write_report_task(row, cfg.report_folder, f"{name}-{now:%Y%m%dT%H%M%S}", f"Report of {name}",
+                      cfg.report.show_phi_in_ui)  # fmt: skip
     result: dict[str, Any] = {"instances": row.values.get("number_of_instances"),
                               "routes": row.values.get("routes")}  # fmt: skip
 
@@ -209,9 +220,9 @@ def _notify(cfg: SiteConfig, orthanc, study_id: str, values: dict[str, Any], for
 
 
 # -- presentation in the UI ----------------------------------------------------------------------------------------
-def cfg_path() -> str | None:
+def cfg_path() -> str:
     """The config file this run was given (subflows read the same one)."""
-    return (flow_run.parameters or {}).get("config_path")
+    return str((flow_run.parameters or {}).get("config_path") or "")
 
 
 def _tag_run(tags: list[str]) -> None:

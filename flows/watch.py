@@ -90,11 +90,11 @@ def _run_name() -> str:
 
 
 @flow(name="watch-orthanc", flow_run_name=_run_name, persist_result=False)
-def watch_orthanc(window_seconds: int | None = None, config_path: str | None = None) -> dict[str, Any]:
+def watch_orthanc(window_seconds: int = 0, config_path: str = "") -> dict[str, Any]:
     """Follow Orthanc's change log for one window and start a study-notify run for every stable study.
 
     Args:
-        window_seconds: How long this run keeps watching. Empty: the configured window (default 300 s).
+        window_seconds: How long this run keeps watching; 0: the configured window (default 300 s).
         config_path: Site config file on the worker. Empty: $OWF_CONFIG, else the embedded default.
     """
     logger = get_run_logger()

@@ -5,6 +5,9 @@ owf up [--config FILE]           start Orthanc (embedded default), Prefect serve
 owf down                         stop every process ``owf up`` started (by PID)
 owf check [--config FILE]        validate the config and try every connection; lists every problem
 owf deploy [--config FILE]       create/update the deployments (Prefect server must be running)
+owf rerun STUDY [--resend-hl7] [--rerun-routes] [--route NAME] [--wait]
+                                 start the study flow again for a study (UID, accession or Orthanc ID)
+owf runs [--limit N] [--state S] list recent study runs with their outcome
 owf quarantine list [SHARE]      list quarantined files with their reasons
 owf quarantine requeue SHARE [PATH ...] [--all]
                                  move files back to where they came from, for the next sweep
@@ -183,6 +186,56 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- study runs -----------------------------------------------------------------------------------------
+STUDY_DEPLOYMENT = "study-notify/study-notify"
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """What the UI's Run form does: one study-notify run with the operator's options."""
+    cfg = _load(args)
+    _use_prefect(cfg)
+    from prefect.deployments import run_deployment
+
+    params: dict = {"study": args.study, "resend_hl7": args.resend_hl7, "rerun_routes": args.rerun_routes}
+    if args.route:
+        params["only_route"] = args.route
+    run = run_deployment(STUDY_DEPLOYMENT, parameters=params, timeout=None if args.wait else 0,
+                         tags=["rerun"])  # fmt: skip
+    url = f"http://127.0.0.1:{cfg.prefect.port}/runs/flow-run/{run.id}"
+    print(f"study run {run.name} ({run.id}): {run.state.name if run.state else 'scheduled'}  {url}")
+    return 0 if not args.wait or (run.state and run.state.is_completed()) else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    _use_prefect(cfg)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterStateName,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    run_filter = FlowRunFilter(state=FlowRunFilterStateName(any_=[args.state])) if args.state else None
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[STUDY_DEPLOYMENT.split("/")[1]])),
+            flow_run_filter=run_filter,
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=args.limit,
+        )
+    for r in runs:
+        when = r.start_time.strftime("%Y-%m-%d %H:%M:%S") if r.start_time else "not started"
+        state = r.state.name if r.state else "?"
+        message = (r.state.message or "").splitlines()[0][:160] if r.state and not r.state.is_completed() else ""
+        tags = ",".join(t for t in r.tags if t.startswith(("source:", "route:")))
+        print(f"{when}\t{state}\t{r.name}\t{tags}\t{message}".rstrip())
+    print(f"{len(runs)} study run(s)", file=sys.stderr)
+    return 0
+
+
 # -- quarantine -----------------------------------------------------------------------------------------
 def cmd_quarantine(args: argparse.Namespace) -> int:
     from stack.quarantine_admin import list_quarantine, requeue
@@ -220,14 +273,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop what `owf up` started")
     sub.add_parser("check", help="validate the config and test every connection")
     sub.add_parser("deploy", help="create or update the Prefect deployments")
+    rr = sub.add_parser("rerun", help="run the study flow again for one study")
+    rr.add_argument("study", help="Study Instance UID, accession number or Orthanc study ID")
+    rr.add_argument("--resend-hl7", action="store_true", help="send the HL7 notification even if acknowledged")
+    rr.add_argument("--rerun-routes", action="store_true", help="deliver every matching route again")
+    rr.add_argument("--route", help="run only this route (delivered again)")
+    rr.add_argument("--wait", action="store_true", help="wait for the run to finish; exit 1 if it failed")
+    rs = sub.add_parser("runs", help="list recent study runs with their outcome")
+    rs.add_argument("--limit", type=int, default=20)
+    rs.add_argument("--state", help="only runs in this state, e.g. Failed")
     q = sub.add_parser("quarantine", help="list or requeue quarantined files")
     q.add_argument("action", choices=["list", "requeue"])
     q.add_argument("share", nargs="?")
     q.add_argument("paths", nargs="*")
     q.add_argument("--all", action="store_true")
     args = parser.parse_args(argv)
-    handlers = {"up": cmd_up, "down": cmd_down, "check": cmd_check, "deploy": cmd_deploy,
-                "quarantine": cmd_quarantine}  # fmt: skip
+    handlers = {"up": cmd_up, "down": cmd_down, "check": cmd_check, "deploy": cmd_deploy, "rerun": cmd_rerun,
+                "runs": cmd_runs, "quarantine": cmd_quarantine}  # fmt: skip
     try:
         return handlers[args.command](args)
     except WorkflowError as e:

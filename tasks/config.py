@@ -223,6 +223,12 @@ class ReportSettings(_Strict):
         description="DICOM attributes added as report columns: keywords (BodyPartExamined) or, for private "
         'tags, {keyword: ScannerMode, tag: "0019,10a0"}.',
     )
+    show_phi_in_ui: bool = Field(
+        False,
+        description="Show patient ID, name, birth date, sex and referring physician in the run's report table "
+        "in the Prefect UI. Off: they show as (hidden) there (every UI user can read artifacts); the CSV and JSON "
+        "files always have them.",
+    )
 
 
 class _ShareBase(Credentials):

@@ -61,10 +61,11 @@ def same_uid_studies(orthanc: OrthancClient, study_id: str, study_uid: str | Non
 
 
 @task(name="write-report", **NO_CACHING)
-def write_report(row: ReportRow, folder: Path, stem: str, title: str) -> tuple[Path, Path]:
-    """The report as CSV and JSON files and as a table artifact on the run."""
+def write_report(row: ReportRow, folder: Path, stem: str, title: str, show_patient: bool = False) -> tuple[Path, Path]:
+    """The report as CSV and JSON files (complete) and as a table artifact on the run (patient fields masked
+    unless ``show_patient``)."""
     csv_path, json_path = write_report_files(row, folder, stem)
-    create_table_artifact(table_for_artifact(row), key=None, description=title)
+    create_table_artifact(table_for_artifact(row, show_patient), key=None, description=title)
     return csv_path, json_path
 
 

@@ -666,10 +666,27 @@ def _display(value: Any) -> str:
     return NOT_AVAILABLE if value is None else str(value)
 
 
-def table_for_artifact(row: ReportRow) -> list[dict[str, str]]:
+# Columns that identify the patient (or a person close to them). Every Prefect UI user can read a run's
+# artifacts, so the table artifact shows them masked unless the site opts in; the report files keep them.
+PATIENT_COLUMNS: tuple[str, ...] = (
+    "patient_id",
+    "issuer_of_patient_id",
+    "patient_name",
+    "patient_birth_date",
+    "patient_sex",
+    "referring_physician",
+)
+MASKED = "(hidden)"  # the UI renders table cells as Markdown: "***" would show as a rule
+
+
+def table_for_artifact(row: ReportRow, show_patient: bool = False) -> list[dict[str, str]]:
     """The row as a two-column table (column, value) for a Prefect table artifact; None shows as
-    "not available". The artifact is visible to every UI user: it carries patient data like the row."""
-    return [{"column": c, "value": _display(v)} for c, v in row.values.items()]
+    "not available". Unless ``show_patient``, a present value of a ``PATIENT_COLUMNS`` column shows as
+    ``(hidden)`` (a missing one still says "not available", so the operator can tell the two apart)."""
+    return [
+        {"column": c, "value": MASKED if c in PATIENT_COLUMNS and v is not None and not show_patient else _display(v)}
+        for c, v in row.values.items()
+    ]
 
 
 def _columns(rows: Sequence[ReportRow]) -> list[str]:
@@ -754,6 +771,7 @@ __all__ = [
     "INT_COLUMNS",
     "NOT_AVAILABLE",
     "NO_DOSE_WARNING",
+    "PATIENT_COLUMNS",
     "REPORT_COLUMNS",
     "REPORT_DTYPES",
     "ExtraTag",

@@ -28,6 +28,15 @@ os.environ.update(prefect_env(_PREFECT_HOME, _PREFECT_PORT))
 os.environ.setdefault("OWF_TEST_SMB_PASSWORD", "unused: tests pass the password directly")
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item, so fixtures can tell after ``yield`` whether the test failed
+    (the browser fixture saves a screenshot of where the operator would have been stuck)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture(scope="session")
 def cases() -> Path:
     return CASES

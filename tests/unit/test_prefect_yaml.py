@@ -28,6 +28,14 @@ def test_every_deployment_imports_and_its_parameters_validate(dep):
     flow.validate_parameters({**required, **dep.get("parameters", {})})
     assert dep.get("description") and dep.get("tags") and dep["work_pool"]["name"]
     assert flow.__doc__ and "Args:" in flow.__doc__, "every flow documents its parameters for the Run form"
+    # the Run form shows a typed field with a description for every parameter, and no "str | None" toggles
+    from prefect.utilities.callables import parameter_schema
+
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    for name, prop in schema["properties"].items():
+        assert prop.get("description"), f"{dep['name']}: parameter {name} has no description"
+        assert "anyOf" not in prop, f"{dep['name']}: parameter {name} is optional-typed; give it a plain default"
+    assert dep.get("schedules") or dep["name"] == "study-notify", "only the per-study flow runs unscheduled"
 
 
 def test_ingest_template_expands_to_one_deployment_per_share():

@@ -518,6 +518,27 @@ def test_table_for_artifact():
     assert all(isinstance(r["value"], str) for r in table)
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "show_patient", "shown"),
+    [
+        ("patient_name", "Berg^Lena", False, "(hidden)"),
+        ("patient_name", "Berg^Lena", True, "Berg^Lena"),
+        ("patient_id", "PAT-0042", False, "(hidden)"),
+        ("patient_birth_date", "19700101", False, "(hidden)"),
+        ("patient_sex", "F", False, "(hidden)"),
+        ("issuer_of_patient_id", "HOSP", False, "(hidden)"),
+        ("referring_physician", "Doe^John", False, "(hidden)"),
+        ("patient_name", None, False, "not available"),  # missing stays distinguishable from hidden
+        ("accession_number", "ACC1", False, "ACC1"),
+        ("study_instance_uid", "1.2.3", False, "1.2.3"),
+        ("institution_name", "North Clinic", False, "North Clinic"),
+    ],
+)
+def test_table_for_artifact_masks_patient_fields_unless_shown(column, value, show_patient, shown):
+    table = table_for_artifact(sample_row(**{column: value}), show_patient=show_patient)
+    assert {r["column"]: r["value"] for r in table}[column] == shown
+
+
 def test_report_frame_columns_and_dtypes():
     plain = build_row(docs(inst()))
     frame = report_frame([sample_row(), plain])

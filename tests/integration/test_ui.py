@@ -1,0 +1,149 @@
+"""The operator's view, in a real browser: headless Chromium (Debian package) driven by Playwright through the
+Prefect UI our Prefect server serves. A study goes through the deployed pipeline (C-STORE, watcher, study run,
+HL7); the operator finds its run by name, opens its report artifact (patient fields masked), looks at the
+deployments, and reruns the study from the deployment's Run form with its Study Instance UID and "resend HL7".
+Screenshots land in tests/output/ui/ (failure.png shows where a failing run got stuck)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from stack.synthetic import write_ct_series
+from tests.integration.deployed import (
+    cursor_exists,
+    deployment_runs,
+    make_stack,
+    start_watcher,
+    storescu,
+    study_runs,
+    wait_for,
+)
+from tests.integration.partner import Partner
+
+pytestmark = pytest.mark.integration
+
+OUT = Path(__file__).resolve().parents[1] / "output" / "ui"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                  "--disable-background-networking", "--disable-component-update"]  # fmt: skip
+
+
+@dataclass
+class ProcessedStudy:
+    uid: str
+    accession: str
+    patient_name: str
+    partner: Partner
+
+
+@pytest.fixture
+def processed_study(prefect_server, orthanc, tmp_path) -> Iterator[ProcessedStudy]:
+    """A study sent by C-STORE and taken through the deployed watcher and study flow, before any browser
+    opens (Prefect's sync calls must not run inside Playwright's event loop). The worker keeps running."""
+    _cfg, partner, start_worker = make_stack(orthanc, tmp_path)
+    worker = start_worker("w-ui")
+    try:
+        files = write_ct_series(tmp_path / "ui", 2, accession="UI-0001")
+        ds = pydicom.dcmread(files[0])
+        start_watcher()
+        wait_for(cursor_exists, 90, "the watcher to start following the change log")
+        storescu(orthanc, files)
+        wait_for(lambda: any(r.state.is_completed() for r in study_runs()), 120, "the study run")
+        assert len(partner.received) == 1
+        yield ProcessedStudy(ds.StudyInstanceUID, "UI-0001", str(ds.PatientName), partner)
+    finally:
+        worker.stop()
+        partner.stop()
+
+
+@pytest.fixture
+def page(request):
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(exe).exists(), "chromium is missing: scripts/setup installs the Debian package"
+    OUT.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        try:
+            yield page
+            call = getattr(request.node, "report_call", None)
+            if call is not None and call.failed:  # where the operator would have been stuck
+                page.screenshot(path=str(OUT / "failure.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_operator_finds_a_study_run_sees_its_report_and_reruns_it_from_the_run_form(
+    prefect_server, processed_study: ProcessedStudy, page
+):
+    from playwright.sync_api import expect
+
+    ui = prefect_server.api_url.removesuffix("/api")
+    study, run_name = processed_study, f"study-{processed_study.accession}"
+
+    # 1. find the study's run by its name (the accession number) and open its report
+    page.goto(f"{ui}/runs")
+    page.get_by_role("searchbox", name="Search by flow run name").fill(run_name)
+    page.get_by_role("link", name=run_name, exact=True).first.click()
+    page.wait_for_url("**/flow-run/**")
+    expect(page.get_by_text("Completed").first).to_be_visible()
+    page.get_by_text("Artifacts", exact=True).click()
+    expect(page.get_by_text(f"Report of {run_name}")).to_be_visible()
+    expect(page.get_by_text("HL7 message", exact=False).first).to_be_visible()
+    page.screenshot(path=str(OUT / "study-run.png"))
+    page.get_by_text(f"Report of {run_name}").click()
+    table = page.get_by_role("table")
+    expect(table.get_by_role("row").filter(has_text="study_instance_uid")).to_contain_text(study.uid)
+    # every UI user can read artifacts: the patient's name is masked there by default
+    expect(table.get_by_role("row").filter(has_text="patient_name")).to_contain_text("(hidden)")
+    assert study.patient_name not in page.content()
+    page.screenshot(path=str(OUT / "study-report.png"))
+
+    # 2. the deployments an operator sees
+    page.goto(f"{ui}/deployments")
+    expect(page.get_by_role("link", name="study-notify").first).to_be_visible()
+    expect(page.get_by_role("link", name="watch-orthanc").first).to_be_visible()
+    page.screenshot(path=str(OUT / "deployments.png"))
+
+    # 3. rerun the study from the deployment's Run form, with its Study Instance UID and "resend HL7"
+    page.get_by_role("link", name="study-notify").first.click()
+    page.wait_for_url("**/deployment/**")
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").click()
+    page.wait_for_url("**/run?**")
+    page.get_by_role("textbox").nth(1).fill(study.uid)  # the first is the run name, then the study
+    # the switches have no accessible name: take the one in resend_hl7's block of the form
+    resend = page.locator(".schema-form-property").filter(has_text="resend_hl7").get_by_role("switch")
+    resend.click()
+    expect(resend).to_be_checked()
+    page.screenshot(path=str(OUT / "run-form.png"), full_page=True)
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url("**/deployments/deployment/**")  # back on the deployment, the new run is listed there
+    wait_for(lambda: len(study.partner.received) >= 2, 120, "the rerun's HL7 message")
+    wait_for(lambda: sum(r.state.is_completed() for r in study_runs()) >= 2, 60, "the rerun to complete")
+
+    # 4. the rerun is found the same way, by what the operator typed, and it completed
+    page.goto(f"{ui}/runs")
+    page.get_by_role("searchbox", name="Search by flow run name").fill(f"study-{study.uid}")
+    page.get_by_role("link", name=f"study-{study.uid}", exact=True).first.click()
+    page.wait_for_url("**/flow-run/**")
+    page.get_by_text("Parameters", exact=True).click()  # a tab only the run page has
+    expect(page.get_by_text("resend_hl7").first).to_be_visible()
+    expect(page.get_by_text("Completed").first).to_be_visible()
+    page.screenshot(path=str(OUT / "rerun.png"))
+
+    rerun = next(r for r in study_runs() if r.name == f"study-{study.uid}")
+    assert rerun.parameters["study"] == study.uid and rerun.parameters["resend_hl7"] is True
+    assert len(study.partner.received) == 2  # the original notification and the resend, nothing else
+    assert all(r.state.is_completed() for r in study_runs())
+    # run history per study: the tag filter finds the watcher's run and the operator's rerun alike
+    assert all(f"study-uid:{study.uid}" in r.tags for r in study_runs())
+    assert deployment_runs("watch-orthanc"), "the watcher ran as a deployment"
