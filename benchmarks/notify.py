@@ -1,6 +1,6 @@
 """Stable-study notification benchmark: from Orthanc's StableStudy change to the HL7 partner's ACK, in one run.
 
-    .venv/bin/python benchmarks/notify.py [--studies 20] [--spacing 3] [--slices 3] [--burst 20]
+    .venv/bin/python benchmarks/notify.py [--studies 20] [--spacing 10] [--slices 3] [--burst 20]
                                           [--stable-age 3] [--timeout 120] [--workdir DIR] [--keep]
 
 It starts its own stack with `owf up --detach` on free ports (embedded Orthanc, Prefect server, one worker,
@@ -11,7 +11,10 @@ thread of this process; it answers AA and records when each message arrived and 
 
   (1) latency:    --studies studies of --slices CT slices each (accession numbers BENCH-0001, ...) are sent
                   by dcmtk storescu (TCP_NODELAY=1), one about every --spacing seconds (0.5-1.5x, seeded), so
-                  that each is measured more or less on its own;
+                  that each is measured more or less on its own. The default (10 s, about 6 studies a minute)
+                  stays below what one worker sustains on 2 cores (the burst measures it: about 16 a minute,
+                  each study run costing about 5 CPU s in the two processes Prefect's process worker starts).
+                  Studies arriving faster than that queue up, and the latency then measures the queue;
   (2) throughput: --burst studies (BURST-0001, ...) sent in one storescu association at once; studies per
                   minute = notified studies / seconds from the first StableStudy change to the last ACK.
 
@@ -516,7 +519,7 @@ def make_studies(folder: Path, prefix: str, n: int, slices: int) -> dict[str, li
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--studies", type=int, default=20, help="studies sent one by one for the latency")
-    ap.add_argument("--spacing", type=float, default=3.0, help="mean seconds between two of them (0.5-1.5x)")
+    ap.add_argument("--spacing", type=float, default=10.0, help="mean seconds between two of them (0.5-1.5x)")
     ap.add_argument("--slices", type=int, default=3, help="CT slices per study")
     ap.add_argument("--burst", type=int, default=20, help="studies sent at once for the throughput (0: skip)")
     ap.add_argument("--stable-age", type=int, default=3, help="Orthanc's StableAge (not part of the latency)")

@@ -1,10 +1,11 @@
 """Morph-and-route benchmark: our route subflow against the same Orthanc REST calls made directly, in one run.
 
-    .venv/bin/python benchmarks/route.py [--instances 200] [--repeat 3] [--workdir DIR]
+    .venv/bin/python benchmarks/route.py [--instances 200] [--side 512] [--repeat 3] [--workdir DIR]
 
 It starts its own servers on free ports: a Prefect server (SQLite, temporary PREFECT_HOME; this process is
-its client), a main Orthanc holding one study of --instances small CT slices (128x128, about 33 KB, from
-stack.synthetic), and a second Orthanc as the archive (AET ARCHIVE). Both Orthancs run with TCP_NODELAY=1.
+its client), a main Orthanc holding one study of --instances CT slices of --side x --side pixels (512: a real
+CT slice, about 0.5 MB; 128: about 33 KB, where Prefect's fixed cost per run outweighs the work), from
+stack.synthetic, and a second Orthanc as the archive (AET ARCHIVE). Both Orthancs run with TCP_NODELAY=1.
 The site config names the main Orthanc, the archive as destination `archive`, and two routes:
 
   (1) modify_keep_uids: route `modify-keep-uids` (modify: replace InstitutionName, UIDs kept). The
@@ -285,7 +286,8 @@ def prefect_probes(slot_limit: str, n: int = 5) -> dict[str, float]:
 # -- main ------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--instances", type=int, default=200, help="CT slices in the study (about 33 KB each)")
+    ap.add_argument("--instances", type=int, default=200, help="CT slices in the study")
+    ap.add_argument("--side", type=int, default=512, help="pixels per row and column of each slice (512: ~0.5 MB)")
     ap.add_argument("--repeat", type=int, default=3, help="measured repetitions of each of ours and direct")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
@@ -310,8 +312,8 @@ def main() -> None:
         main_orthanc.start()
         archive.start()
 
-        progress(f"generating {n} CT slices and uploading them to the main Orthanc")
-        paths = write_ct_series(work / "study", n, accession="BENCH-ROUTE")
+        progress(f"generating {n} CT slices of {args.side}x{args.side} and uploading them to the main Orthanc")
+        paths = write_ct_series(work / "study", n, side=args.side, accession="BENCH-ROUTE")
         study_id = upload(main_orthanc.url, paths)
         shutil.rmtree(work / "study")
 
@@ -422,7 +424,7 @@ def main() -> None:
         main_orthanc.stop()
         prefect_server.stop()
 
-    summary = {"benchmark": "route", "target_ratio": TARGET_RATIO, **results}
+    summary = {"benchmark": "route", "target_ratio": TARGET_RATIO, "slice_side": args.side, **results}
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary), flush=True)

@@ -12,6 +12,7 @@ import httpx
 
 from tasks.config import SiteConfig
 from tasks.errors import WorkflowError
+from tasks.mllp import MllpClient, ssl_context_for
 from tasks.orthanc import client_from_config
 from tasks.routing import echo, register_destination
 from tasks.routing_config import Destination
@@ -60,6 +61,17 @@ def check_site(cfg: SiteConfig, say: Callable[[str], object] = print) -> list[st
             fail(what, problem)
         else:
             say(f"OK    {what} ({dest.kind}) answers")
+    if cfg.hl7.enabled:
+        what = f"HL7 partner {cfg.hl7.host}:{cfg.hl7.port}"
+        client = MllpClient(cfg.hl7.host, cfg.hl7.port, connect_timeout=cfg.hl7.connect_timeout_seconds,
+                            read_timeout=cfg.hl7.ack_timeout_seconds, ssl_context=ssl_context_for(cfg.hl7))  # fmt: skip
+        try:
+            client.probe()  # connects and closes; no message is sent
+            say(f"OK    {what} accepts connections" + (" (TLS certificate verified)" if cfg.hl7.tls else ""))
+        except WorkflowError as e:
+            fail(what, str(e))
+    else:
+        say("--    HL7 notification is off (hl7.enabled: false)")
     for share_cfg in cfg.all_shares:
         what = f"share {share_cfg.name!r}"
         try:

@@ -214,11 +214,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
         DeploymentFilter,
         DeploymentFilterName,
         FlowRunFilter,
+        FlowRunFilterState,
         FlowRunFilterStateName,
     )
     from prefect.client.schemas.sorting import FlowRunSort
 
-    run_filter = FlowRunFilter(state=FlowRunFilterStateName(any_=[args.state])) if args.state else None
+    state = FlowRunFilterState(name=FlowRunFilterStateName(any_=[args.state.capitalize()])) if args.state else None
+    run_filter = FlowRunFilter(state=state) if state else None
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[STUDY_DEPLOYMENT.split("/")[1]])),

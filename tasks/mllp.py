@@ -81,8 +81,30 @@ class MllpClient:
         certificate cannot be verified (a configuration problem, not worth retrying).
         """
         payload = frame(message)
+        sock = self._open()
+        with sock:
+            try:
+                sock.settimeout(self.read_timeout)
+                sock.sendall(payload)
+            except TimeoutError:
+                raise Hl7PartnerUnavailable(
+                    f"HL7 partner {self.partner} did not take the message within {self.read_timeout:g} s"
+                ) from None
+            except OSError as exc:
+                raise Hl7PartnerUnavailable(
+                    f"HL7 partner {self.partner} broke the connection while we sent ({_reason(exc)})"
+                ) from None
+            return self._read_answer(sock)
+
+    def probe(self) -> None:
+        """Connect (and complete the TLS handshake) without sending anything, then close: what ``owf check``
+        asks of the partner. Raises as :meth:`exchange` does when connecting fails."""
+        self._open().close()
+
+    def _open(self) -> socket.socket:
+        """The connection, with connect and TLS failures translated into the domain's errors."""
         try:
-            sock = self._connect()
+            return self._connect()
         except ssl.SSLCertVerificationError as exc:
             raise Hl7DeliveryError(
                 f"TLS certificate of HL7 partner {self.partner} could not be verified ({exc.verify_message}); "
@@ -98,19 +120,6 @@ class MllpClient:
             raise Hl7PartnerUnavailable(f"HL7 partner {self.partner} refused the connection") from None
         except OSError as exc:
             raise Hl7PartnerUnavailable(f"HL7 partner {self.partner} could not be reached ({_reason(exc)})") from None
-        with sock:
-            try:
-                sock.settimeout(self.read_timeout)
-                sock.sendall(payload)
-            except TimeoutError:
-                raise Hl7PartnerUnavailable(
-                    f"HL7 partner {self.partner} did not take the message within {self.read_timeout:g} s"
-                ) from None
-            except OSError as exc:
-                raise Hl7PartnerUnavailable(
-                    f"HL7 partner {self.partner} broke the connection while we sent ({_reason(exc)})"
-                ) from None
-            return self._read_answer(sock)
 
     def _connect(self) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)

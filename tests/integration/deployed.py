@@ -52,7 +52,11 @@ def make_stack(orthanc, tmp_path, **watch):
             {
                 "data_dir": str(tmp_path / "data"),
                 "orthanc": {"url": orthanc.url, "timeout_seconds": 10},
-                "prefect": {"work_pool": f"pool-{uuid.uuid4().hex[:6]}"},
+                # the test session's Prefect server, so that `owf` commands given this file find it
+                "prefect": {
+                    "work_pool": f"pool-{uuid.uuid4().hex[:6]}",
+                    "port": int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0]),
+                },
                 "watch": {"interval_seconds": 0.5, "window_seconds": 30, "handover_seconds": 2, "settle_seconds": 30}
                 | watch,
                 "hl7": {"enabled": True, "port": partner.port, "ack_timeout_seconds": 3, "retries": 1},

@@ -400,3 +400,13 @@ def test_frame_refuses_payloads_with_mllp_bytes() -> None:
     assert frame(b"MSH|x\r") == b"\x0bMSH|x\r\x1c\r"
     with pytest.raises(ValueError):
         frame(b"MSH|\x1c")
+
+
+def test_probe_connects_and_sends_nothing(partner: Callable[..., ScriptedPartner]) -> None:
+    """What `owf check` asks of the partner: a connection, no message (a partner must not see test traffic)."""
+    p = partner([ack("framed_ok")])
+    MllpClient("127.0.0.1", p.port, connect_timeout=1, read_timeout=1).probe()
+    time.sleep(0.3)
+    assert p.received == [b""]  # one connection, closed without a byte
+    with pytest.raises(Hl7PartnerUnavailable, match="refused the connection"):
+        MllpClient("127.0.0.1", free_port(), connect_timeout=1, read_timeout=1).probe()

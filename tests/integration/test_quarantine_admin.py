@@ -61,12 +61,14 @@ def test_check_names_every_problem(tmp_path, capsys, samba, monkeypatch):
             {"name": "smb", "source": "SMB", "server": "127.0.0.1", "port": samba.port, "share": samba.share_name,
              "username": samba.username, "password_env": "OWF_CHECK_PW"},
         ],
+        "hl7": {"enabled": True, "port": (hl7_port := free_port()), "connect_timeout_seconds": 2},
     }))  # fmt: skip
     monkeypatch.setenv("OWF_CHECK_PW", "definitely-wrong-pw")
     assert main(["--config", str(cfg), "check"]) == 1
     out = capsys.readouterr().out
-    assert "3 problem(s)" in out
+    assert "4 problem(s)" in out
     assert "unreachable" in out and "does not exist" in out and "refused" in out
+    assert f"HL7 partner 127.0.0.1:{hl7_port}: HL7 partner 127.0.0.1:{hl7_port} refused the connection" in out
     assert "definitely-wrong-pw" not in out
 
 

@@ -147,3 +147,57 @@ def test_operator_finds_a_study_run_sees_its_report_and_reruns_it_from_the_run_f
     # run history per study: the tag filter finds the watcher's run and the operator's rerun alike
     assert all(f"study-uid:{study.uid}" in r.tags for r in study_runs())
     assert deployment_runs("watch-orthanc"), "the watcher ran as a deployment"
+
+
+@pytest.fixture
+def failed_study(prefect_server, orthanc, tmp_path) -> Iterator[ProcessedStudy]:
+    """A study whose run failed because the HL7 partner refused it (it closes the connection without an ACK).
+    The partner accepts again once the fixture returns; the worker keeps running."""
+    _cfg, partner, start_worker = make_stack(orthanc, tmp_path)
+    partner.accept = False
+    worker = start_worker("w-retry")
+    try:
+        files = write_ct_series(tmp_path / "retry", 2, accession="UI-RETRY")
+        ds = pydicom.dcmread(files[0])
+        start_watcher()
+        wait_for(cursor_exists, 90, "the watcher to start following the change log")
+        storescu(orthanc, files)
+        wait_for(lambda: any(r.state.is_final() for r in study_runs()), 120, "the study run to end")
+        assert [r.state.type.value for r in study_runs()] == ["FAILED"]
+        partner.accept = True
+        yield ProcessedStudy(ds.StudyInstanceUID, "UI-RETRY", str(ds.PatientName), partner)
+    finally:
+        worker.stop()
+        partner.stop()
+
+
+def test_retry_of_a_failed_study_run_in_the_ui_delivers_the_kept_message_once(
+    prefect_server, failed_study: ProcessedStudy, page
+):
+    from playwright.sync_api import expect
+
+    ui = prefect_server.api_url.removesuffix("/api")
+    study, run_name = failed_study, f"study-{failed_study.accession}"
+    refused = len(study.partner.raw)
+    assert refused >= 1 and study.partner.received, "the partner saw the message and refused it"
+
+    page.goto(f"{ui}/runs")
+    page.get_by_role("searchbox", name="Search by flow run name").fill(run_name)
+    page.get_by_role("link", name=run_name, exact=True).first.click()
+    page.wait_for_url("**/flow-run/**")
+    expect(page.get_by_text("Failed").first).to_be_visible()
+    # the reason, in words an operator understands, and what a rerun will do
+    expect(page.get_by_text("HL7 notification not delivered").first).to_be_visible()
+    page.screenshot(path=str(OUT / "failed-run.png"), full_page=True)
+
+    page.get_by_role("button", name="Retry").click()
+    page.get_by_role("dialog").get_by_role("button", name="Retry").click()  # "Retry study-UI-RETRY?"
+    wait_for(lambda: study_runs()[0].state.is_completed(), 120, "the retried run to complete")
+    page.reload()
+    expect(page.get_by_text("Completed").first).to_be_visible()
+    page.screenshot(path=str(OUT / "retried-run.png"))
+
+    runs = study_runs()
+    assert len(runs) == 1 and runs[0].name == run_name, "Retry runs the same run again, no new run"
+    assert len(study.partner.raw) == refused + 1, "delivered once after the retry, nothing else"
+    assert study.partner.raw[-1] == study.partner.raw[0], "the kept message, byte for byte (same control id)"
