@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import task
-from prefect.concurrency.sync import concurrency
 
 from tasks.errors import DeliveryFailed
 from tasks.notify import NO_CACHING, ORTHANC_RETRIES
 from tasks.orthanc import OrthancClient
-from tasks.prefect_limits import destination_limit_name, ensure_limit
+from tasks.prefect_limits import destination_limit_name, ensure_limit, hold_slot
 from tasks.routing import (
     Copy,
     count_at_destination,
@@ -90,8 +89,10 @@ def deliver(
     verify; holds one slot of the destination's concurrency limit while sending. Returns the instances
     confirmed; raises DeliveryFailed otherwise."""
     expected = len(instance_ids)
-    with concurrency(destination_limit_name(dest.name), occupy=1, timeout_seconds=settings.job_timeout_seconds,
-                     strict=True):  # fmt: skip
+    with hold_slot(destination_limit_name(dest.name), settings.job_timeout_seconds) as got:
+        if not got:
+            raise DeliveryFailed(f"{dest.name}: no free slot (max_concurrent {dest.max_concurrent}) within "
+                                 f"{settings.job_timeout_seconds:g} s: other studies are still sending")  # fmt: skip
         if modify is None:
             sent = send_study(orthanc, dest, study_id, expected, settings.job_timeout_seconds)
         else:

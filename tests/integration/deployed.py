@@ -34,7 +34,8 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def make_stack(orthanc, tmp_path, **watch):
     """Deployments of this project on the test's Prefect server, a partner, and a way to start workers on a pool
-    of the test's own. The watcher starts afresh: no cursor, no lock left by an earlier test's killed run."""
+    of the test's own. The watcher starts afresh: no cursor, no lock left by an earlier test's killed run, and
+    no flow runs of earlier tests."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.variables import Variable
@@ -43,8 +44,13 @@ def make_stack(orthanc, tmp_path, **watch):
     from flows.watch import CURSOR_VARIABLE, LOCK
 
     Variable.unset(CURSOR_VARIABLE)
-    with get_client(sync_client=True) as client, contextlib.suppress(ObjectNotFound):
-        client.delete_global_concurrency_limit_by_name(LOCK)
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectNotFound):
+            client.delete_global_concurrency_limit_by_name(LOCK)
+        # an empty run history: the session's server also holds earlier tests' runs of the same deployments
+        while runs := client.read_flow_runs(limit=200):
+            for run in runs:
+                client.delete_flow_run(run.id)
     partner = Partner(free_port()).start()
     cfg_path = tmp_path / "site.yaml"
     cfg_path.write_text(

@@ -81,6 +81,25 @@ def page(request):
             browser.close()
 
 
+def open_run(page, ui: str, name: str) -> None:
+    """What an operator does: Runs, search by name, open the run; the list is reloaded once if it does not
+    show the run yet (as the operator would press reload)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    page.goto(f"{ui}/runs")
+    for attempt in (1, 2):
+        page.get_by_role("searchbox", name="Search by flow run name").fill(name)
+        link = page.get_by_role("link", name=name, exact=True).first
+        try:
+            link.click(timeout=20_000 if attempt == 1 else 30_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+            page.reload()
+    page.wait_for_url("**/flow-run/**")
+
+
 def test_operator_finds_a_study_run_sees_its_report_and_reruns_it_from_the_run_form(
     prefect_server, processed_study: ProcessedStudy, page
 ):
@@ -89,11 +108,10 @@ def test_operator_finds_a_study_run_sees_its_report_and_reruns_it_from_the_run_f
     ui = prefect_server.api_url.removesuffix("/api")
     study, run_name = processed_study, f"study-{processed_study.accession}"
 
+    print("study runs:", [(r.name, r.state.type.value) for r in study_runs()])  # shown if the test fails
+
     # 1. find the study's run by its name (the accession number) and open its report
-    page.goto(f"{ui}/runs")
-    page.get_by_role("searchbox", name="Search by flow run name").fill(run_name)
-    page.get_by_role("link", name=run_name, exact=True).first.click()
-    page.wait_for_url("**/flow-run/**")
+    open_run(page, ui, run_name)
     expect(page.get_by_text("Completed").first).to_be_visible()
     page.get_by_text("Artifacts", exact=True).click()
     expect(page.get_by_text(f"Report of {run_name}")).to_be_visible()
@@ -124,6 +142,7 @@ def test_operator_finds_a_study_run_sees_its_report_and_reruns_it_from_the_run_f
     resend = page.locator(".schema-form-property").filter(has_text="resend_hl7").get_by_role("switch")
     resend.click()
     expect(resend).to_be_checked()
+    page.wait_for_timeout(500)  # the switch animates: let the screenshot show it on
     page.screenshot(path=str(OUT / "run-form.png"), full_page=True)
     page.get_by_role("button", name="Submit").click()
     page.wait_for_url("**/deployments/deployment/**")  # back on the deployment, the new run is listed there
@@ -131,10 +150,7 @@ def test_operator_finds_a_study_run_sees_its_report_and_reruns_it_from_the_run_f
     wait_for(lambda: sum(r.state.is_completed() for r in study_runs()) >= 2, 60, "the rerun to complete")
 
     # 4. the rerun is found the same way, by what the operator typed, and it completed
-    page.goto(f"{ui}/runs")
-    page.get_by_role("searchbox", name="Search by flow run name").fill(f"study-{study.uid}")
-    page.get_by_role("link", name=f"study-{study.uid}", exact=True).first.click()
-    page.wait_for_url("**/flow-run/**")
+    open_run(page, ui, f"study-{study.uid}")
     page.get_by_text("Parameters", exact=True).click()  # a tab only the run page has
     expect(page.get_by_text("resend_hl7").first).to_be_visible()
     expect(page.get_by_text("Completed").first).to_be_visible()
@@ -181,10 +197,8 @@ def test_retry_of_a_failed_study_run_in_the_ui_delivers_the_kept_message_once(
     refused = len(study.partner.raw)
     assert refused >= 1 and study.partner.received, "the partner saw the message and refused it"
 
-    page.goto(f"{ui}/runs")
-    page.get_by_role("searchbox", name="Search by flow run name").fill(run_name)
-    page.get_by_role("link", name=run_name, exact=True).first.click()
-    page.wait_for_url("**/flow-run/**")
+    print("study runs:", [(r.name, r.state.type.value) for r in study_runs()])  # shown if the test fails
+    open_run(page, ui, run_name)
     expect(page.get_by_text("Failed").first).to_be_visible()
     # the reason, in words an operator understands, and what a rerun will do
     expect(page.get_by_text("HL7 notification not delivered").first).to_be_visible()
