@@ -13,8 +13,11 @@ of small CT slices (128x128, about 33 KB) and a set of large ones (about 5 MB):
 
 For (b) and (c), throughput counts from the first instance appearing in Orthanc to the last file deleted
 from the source; latency is from a file landing in the source (dropped one at a time) until it is deleted,
-which happens only after Orthanc confirmed it. Then, with a stack that has one empty share and no
-traffic, it measures the CPU share of every stack process and the growth of the Prefect database.
+which happens only after Orthanc confirmed it. Each of (a), (b), (c) also reports the CPU seconds every
+process tree used (``cpu_s``: Orthanc, the Prefect server, the worker with the runs it started, smbd, and
+this process, which is the raw upload's client): on 2 cores, where Samba runs beside Orthanc, they show what
+the SMB path costs. Then, with a stack that has one empty share and no traffic, it measures the CPU share of
+every stack process and the growth of the Prefect database.
 
 The last line printed is one JSON object. Timings on a shared 2-core machine are noisy: compare ratios
 measured in the same run, and never use these numbers in a pass/fail test.
@@ -83,6 +86,9 @@ class Stack:
 
     def pids(self) -> list[int]:
         return [int(p.read_text().split()[0]) for p in (self.workdir / "data" / "run").glob("*.pid")]
+
+    def roots(self) -> dict[str, int]:
+        return {f.stem: int(f.read_text().split()[0]) for f in (self.workdir / "data" / "run").glob("*.pid")}
 
     def count(self) -> int:
         return httpx.get(self.url + "/statistics", timeout=10).json()["CountInstances"]
@@ -200,6 +206,27 @@ def cpu_ticks(pid: int) -> int:
     return sum(int(x) for x in fields[11:15])
 
 
+class CpuSplit:
+    """CPU seconds each process tree used between ``start()`` and ``stop()``: the stack's (Orthanc, Prefect
+    server, worker and the runs it started), Samba's, and this process (the raw upload's client)."""
+
+    def __init__(self, roots: dict[str, int]) -> None:
+        self.roots = roots
+
+    def _sample(self) -> dict[str, float]:
+        out = {name: sum(cpu_ticks(p) for p in process_tree([pid])) / TICKS for name, pid in self.roots.items()}
+        t = os.times()
+        out["benchmark"] = t.user + t.system
+        return out
+
+    def start(self) -> None:
+        self._c0 = self._sample()
+
+    def stop(self) -> dict[str, float]:
+        c1 = self._sample()
+        return {k: round(c1[k] - self._c0[k], 2) for k in c1 if round(c1[k] - self._c0[k], 2) > 0}
+
+
 def idle_cost(workdir: Path, seconds: float) -> dict:
     stack = Stack(workdir, [{"name": "idle", "source": "IDLE", "kind": "local", "path": str(workdir / "idle")}])
     (workdir / "idle").mkdir(parents=True)
@@ -268,8 +295,11 @@ def main() -> None:
             row: dict = {"instances": n, "mb": round(mb, 1)}
             stack.clear()
             progress(f"{label}: (a) raw parallel POST")
+            cpu = CpuSplit({**stack.roots(), "smbd": samba.service.pid})  # type: ignore[union-attr, dict-item]
+            cpu.start()
             secs = raw_upload(stack.url, master)
-            row["raw"] = {"instances_per_s": round(n / secs, 1), "mb_per_s": round(mb / secs, 1)}
+            row["raw"] = {"instances_per_s": round(n / secs, 1), "mb_per_s": round(mb / secs, 1),
+                          "cpu_s": cpu.stop()}  # fmt: skip
             for name, target in (("local", inbox), ("smb", samba.share_dir)):
                 stack.clear()
                 staging = target.parent / f"staging-{label}-{name}"
@@ -277,10 +307,12 @@ def main() -> None:
                 for p in master:
                     shutil.copyfile(p, staging / p.name)
                 progress(f"{label}: ({'b' if name == 'local' else 'c'}) {name} share, {n} files dropped at once")
+                cpu.start()
                 m = swept_throughput(stack, staging, target, n)
                 staging.rmdir()
                 row[name] = {"instances_per_s": round(n / m["seconds"], 1), "mb_per_s": round(mb / m["seconds"], 1),
-                             "first_upload_after_drop_s": round(m["first_upload_after_drop_s"], 2)}  # fmt: skip
+                             "first_upload_after_drop_s": round(m["first_upload_after_drop_s"], 2),
+                             "cpu_s": cpu.stop()}  # fmt: skip
             row["ratio_local"] = round(row["local"]["instances_per_s"] / row["raw"]["instances_per_s"], 3)
             row["ratio_smb"] = round(row["smb"]["instances_per_s"] / row["raw"]["instances_per_s"], 3)
             results[label] = row

@@ -17,9 +17,9 @@ The site config names the main Orthanc, the archive as destination `archive`, an
 
 For each variant:
 
-  ours    wall time of calling the flow flows.route.route_study(study_id, route, force=True, config_path=...)
-          in this process: flow run and task runs on the Prefect server, the destination's concurrency-limit
-          slot, the delivery record read and written on the study;
+  ours    wall time of flows.route.run_route(study_id, route, force=True, config_path=...) in this process,
+          which is how the study run runs a route: the route flow run and its task runs on the Prefect
+          server, the destination's concurrency-limit slot, the delivery record read and written on the study;
   direct  the same Orthanc REST calls by plain httpx (same request bodies, from tasks.rules; the same
           parallelism; jobs polled as often as tasks.routing does), with no orchestration: list the
           study's instances, read the study, register the modality, then the path above, then the same
@@ -334,7 +334,7 @@ def main() -> None:
         progress(f"site config: {site}")
 
         progress("importing prefect and the route flow")
-        from flows.route import route_study
+        from flows.route import run_route
         from tasks.config import load_config
         from tasks.prefect_limits import destination_limit_name
         from tasks.routing import JOB_POLL_SECONDS
@@ -360,7 +360,7 @@ def main() -> None:
 
         def run_ours(variant: str) -> float:
             w0, t0 = time.time(), time.perf_counter()
-            state = route_study(study_id, VARIANTS[variant], force=True, config_path=str(site), return_state=True)
+            state = run_route(study_id, VARIANTS[variant], True, str(site))
             secs = time.perf_counter() - t0
             if not state.is_completed():
                 raise SystemExit(f"ours {variant}: the route run ended {state.type.value}: {state.message}")

@@ -129,3 +129,13 @@ def route_study(study_id: str, route_name: str, force: bool = False, config_path
     if failures:
         raise RouteFailed(f"route {route.name}: " + "; ".join(failures))
     return {"route": route.name, "delivered": delivered, "already": [d for d in route.to if d not in delivered]}
+
+
+def run_route(study_id: str, route_name: str, force: bool, config_path: str):
+    """The route as the study run runs it (a subflow), returning its final state. The subflow has no heartbeat
+    of its own: the study run's heartbeat already covers this process, and Prefect 3.9 stops a heartbeat thread
+    in 1-second steps, which added up to a second to every route (measured here: 0.77 s vs 0.11 s per subflow)."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return route_study(study_id, route_name, force=force, config_path=config_path, return_state=True)

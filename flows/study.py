@@ -24,7 +24,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.route import route_study
+from flows.route import run_route
 from tasks.config import SiteConfig, load_config
 from tasks.errors import StudyNotFound, WorkflowError
 from tasks.hl7_messages import OutgoingMessage, build_message, masked
@@ -140,8 +140,7 @@ def _one_study(cfg: SiteConfig, orthanc, study_id: str, resend_hl7: bool, rerun_
              + [f"destination:{d}" for r in plan.to_run for d in r.to])  # fmt: skip
     failures: dict[str, str] = {}
     for route in plan.to_run:
-        state = route_study(study_id, route.name, force=rerun_routes or only_route == route.name,
-                            config_path=cfg_path(), return_state=True)  # fmt: skip
+        state = run_route(study_id, route.name, rerun_routes or only_route == route.name, cfg_path())
         if not state.is_completed():
             error = state.result(raise_on_failure=False)
             failures[route.name] = str(error) if isinstance(error, BaseException) else "the route did not finish"
