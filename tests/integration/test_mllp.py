@@ -297,6 +297,8 @@ class ScriptedPartner:
             with conn:
                 data = self._read_message(conn)
                 self.received.append(data)
+                if not data:  # a connection closed without a message (owf check's probe)
+                    continue
                 control_id = data.split(b"\r")[0].split(b"|")[9].decode()
                 behaviour = self.behaviours[min(len(self.received), len(self.behaviours)) - 1]
                 behaviour(conn, control_id)
