@@ -44,11 +44,10 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stack.services import SambaServer, free_port
+from stack.services import SambaServer, free_port, pid_files, tree_cpu_seconds
 from stack.synthetic import write_ct_series
 
 OWF = [sys.executable, "-m", "stack.cli"]
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def progress(msg: str) -> None:
@@ -84,11 +83,9 @@ class Stack:
         subprocess.run([*OWF, "--config", str(self.config), "down"], env=self.env, capture_output=True,
                        timeout=180, cwd=Path(__file__).parent.parent)  # fmt: skip
 
-    def pids(self) -> list[int]:
-        return [int(p.read_text().split()[0]) for p in (self.workdir / "data" / "run").glob("*.pid")]
-
     def roots(self) -> dict[str, int]:
-        return {f.stem: int(f.read_text().split()[0]) for f in (self.workdir / "data" / "run").glob("*.pid")}
+        """The processes `owf up` started: name -> PID."""
+        return pid_files(self.workdir / "data" / "run")
 
     def count(self) -> int:
         return httpx.get(self.url + "/statistics", timeout=10).json()["CountInstances"]
@@ -180,32 +177,6 @@ def latency(target: Path, sources: list[Path], spacing: float, seed: int = 1) ->
     return sorted(done.values())
 
 
-def process_tree(pids: list[int]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], list(pids)
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime+stime of the process and of its children it has reaped (so exited flow runs count)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return sum(int(x) for x in fields[11:15])
-
-
 class CpuSplit:
     """CPU seconds each process tree used between ``start()`` and ``stop()``: the stack's (Orthanc, Prefect
     server, worker and the runs it started), Samba's, and this process (the raw upload's client)."""
@@ -214,7 +185,7 @@ class CpuSplit:
         self.roots = roots
 
     def _sample(self) -> dict[str, float]:
-        out = {name: sum(cpu_ticks(p) for p in process_tree([pid])) / TICKS for name, pid in self.roots.items()}
+        out = {name: tree_cpu_seconds(pid) for name, pid in self.roots.items()}
         t = os.times()
         out["benchmark"] = t.user + t.system
         return out
@@ -234,15 +205,14 @@ def idle_cost(workdir: Path, seconds: float) -> dict:
     try:
         progress("idle stack up; letting the first run start (30 s)")
         time.sleep(30)
-        pid_files = (workdir / "data" / "run").glob("*.pid")
-        roots = {p.stem: int(p.read_text().split()[0]) for p in pid_files}
+        roots = stack.roots()
         db = workdir / "data" / "prefect"
 
         def db_bytes() -> int:
             return sum(f.stat().st_size for f in db.glob("prefect.db*"))
 
-        def sample() -> dict[str, int]:
-            return {name: sum(cpu_ticks(p) for p in process_tree([pid])) for name, pid in roots.items()}
+        def sample() -> dict[str, float]:
+            return {name: tree_cpu_seconds(pid) for name, pid in roots.items()}
 
         c0, d0, t0 = sample(), db_bytes(), time.perf_counter()
         step = max(1.0, seconds / 10)
@@ -251,7 +221,7 @@ def idle_cost(workdir: Path, seconds: float) -> dict:
             progress(f"idle: {time.perf_counter() - t0:.0f}/{seconds:.0f} s")
         c1, d1, t1 = sample(), db_bytes(), time.perf_counter()
         elapsed = t1 - t0
-        cores = {name: (c1[name] - c0[name]) / TICKS / elapsed for name in roots}
+        cores = {name: (c1[name] - c0[name]) / elapsed for name in roots}
         return {
             "seconds": round(elapsed, 1),
             "cores_by_process": {k: round(v, 4) for k, v in cores.items()},

@@ -66,6 +66,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stack.services import free_port
+from stack.services import free_port, pid_files, tree_cpu_seconds
 from stack.synthetic import write_ct_series
 from tests.integration.partner import Partner
 
@@ -274,42 +275,9 @@ class LockWatch(threading.Thread):
 
 
 # -- CPU --------------------------------------------------------------------------------------------------------
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def process_tree(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def tree_cpu_seconds(pid: int) -> float:
-    """CPU seconds of ``pid`` and every descendant alive, each with its reaped children (finished runs)."""
-    total = 0
-    for p in process_tree(pid):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            total += sum(int(x) for x in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[11:15])
-    return total / TICKS
-
-
 def stack_cpu(stack: Stack) -> dict[str, float]:
     """CPU seconds so far of each process `owf up` started (by its PID file), with its descendants."""
-    out = {}
-    for pid_file in (stack.workdir / "data" / "run").glob("*.pid"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            out[pid_file.stem] = tree_cpu_seconds(int(pid_file.read_text().split()[0]))
-    return out
+    return {name: tree_cpu_seconds(pid) for name, pid in pid_files(stack.workdir / "data" / "run").items()}
 
 
 def cpu_per_study(before: dict[str, float], after: dict[str, float], studies: int) -> dict[str, float]:
@@ -319,6 +287,17 @@ def cpu_per_study(before: dict[str, float], after: dict[str, float], studies: in
 # -- the Prefect side -------------------------------------------------------------------------------------------
 def _ts(value: Any) -> float | None:
     return value.timestamp() if value is not None else None
+
+
+def _pages(read: Callable[..., list[Any]], page: int = 200, **filters: Any) -> Iterator[Any]:
+    """Every item a Prefect client ``read_*`` call finds, page by page."""
+    offset = 0
+    while True:
+        items = read(limit=page, offset=offset, **filters)
+        yield from items
+        offset += len(items)
+        if len(items) < page:
+            return
 
 
 def study_runs(accession_by_id: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
@@ -338,42 +317,25 @@ def study_runs(accession_by_id: dict[str, str]) -> dict[str, list[dict[str, Any]
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(DEPLOYMENT)
         of_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
-        runs = []
-        while True:
-            page = client.read_flow_runs(deployment_filter=of_deployment, limit=200, offset=len(runs))
-            runs += page
-            if len(page) < 200:
-                break
+        runs = list(_pages(client.read_flow_runs, deployment_filter=of_deployment))
         tasks: dict[str, list[dict[str, Any]]] = {}
         for i in range(0, len(runs), 50):
             of_runs = TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[r.id for r in runs[i : i + 50]]))
-            offset = 0
-            while True:
-                page = client.read_task_runs(task_run_filter=of_runs, limit=200, offset=offset)
-                for t in page:
-                    tasks.setdefault(str(t.flow_run_id), []).append(
-                        {"name": t.name, "start": _ts(t.start_time), "end": _ts(t.end_time)}
-                    )
-                offset += len(page)
-                if len(page) < 200:
-                    break
+            for t in _pages(client.read_task_runs, task_run_filter=of_runs):
+                tasks.setdefault(str(t.flow_run_id), []).append(
+                    {"name": t.name, "start": _ts(t.start_time), "end": _ts(t.end_time)}
+                )
         # The pull steps run in the workspace supervisor process, before the engine process starts: their
         # log lines split the pickup (no such line: that part stays None).
         pulls: dict[str, dict[str, float]] = {}
         for i in range(0, len(runs), 50):
             of_logs = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in runs[i : i + 50]]))
-            offset = 0
-            while True:
-                page = client.read_logs(log_filter=of_logs, limit=200, offset=offset)
-                for log in page:
-                    marks = pulls.setdefault(str(log.flow_run_id), {})
-                    if PULL_START.match(log.message):
-                        marks.setdefault("pull_start", log.timestamp.timestamp())
-                    elif PULL_DONE.match(log.message):
-                        marks.setdefault("pull_done", log.timestamp.timestamp())
-                offset += len(page)
-                if len(page) < 200:
-                    break
+            for log in _pages(client.read_logs, log_filter=of_logs):
+                marks = pulls.setdefault(str(log.flow_run_id), {})
+                if PULL_START.match(log.message):
+                    marks.setdefault("pull_start", log.timestamp.timestamp())
+                elif PULL_DONE.match(log.message):
+                    marks.setdefault("pull_done", log.timestamp.timestamp())
         out: dict[str, list[dict[str, Any]]] = {}
         for r in runs:
             states = client.read_flow_run_states(r.id)

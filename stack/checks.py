@@ -12,7 +12,7 @@ import httpx
 
 from tasks.config import SiteConfig
 from tasks.errors import WorkflowError
-from tasks.mllp import MllpClient, ssl_context_for
+from tasks.mllp import MllpClient
 from tasks.orthanc import client_from_config
 from tasks.routing import echo, register_destination
 from tasks.routing_config import Destination
@@ -63,10 +63,8 @@ def check_site(cfg: SiteConfig, say: Callable[[str], object] = print) -> list[st
             say(f"OK    {what} ({dest.kind}) answers")
     if cfg.hl7.enabled:
         what = f"HL7 partner {cfg.hl7.host}:{cfg.hl7.port}"
-        client = MllpClient(cfg.hl7.host, cfg.hl7.port, connect_timeout=cfg.hl7.connect_timeout_seconds,
-                            read_timeout=cfg.hl7.ack_timeout_seconds, ssl_context=ssl_context_for(cfg.hl7))  # fmt: skip
         try:
-            client.probe()  # connects and closes; no message is sent
+            MllpClient.from_settings(cfg.hl7).probe()  # connects and closes; no message is sent
             say(f"OK    {what} accepts connections" + (" (TLS certificate verified)" if cfg.hl7.tls else ""))
         except WorkflowError as e:
             fail(what, str(e))

@@ -82,13 +82,53 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (field 3 on), or None without such a process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (clock ticks since boot), or None if there is no such process.
     Together with the PID it names one process: a PID alone may have been reused since."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _stat_fields(pid)
+    return fields[19] if fields and len(fields) > 19 else None
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every descendant process alive now."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))):
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of ``root`` and its live descendants, each with the children it has reaped
+    (so flow runs that already ended count). For benchmarks: how much a stack process cost."""
+    ticks = 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields and len(fields) > 14:
+            ticks += sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def pid_files(folder: Path) -> dict[str, int]:
+    """The processes `owf up` (or a fixture) recorded in ``folder``: PID file name -> PID."""
+    out = {}
+    for path in folder.glob("*.pid"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            out[path.stem] = int(path.read_text().split()[0])
+    return out
 
 
 def write_pid_file(path: Path, pid: int) -> None:

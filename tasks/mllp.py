@@ -68,6 +68,12 @@ class MllpClient:
         self.ssl_context = ssl_context
         self.max_answer_bytes = max_answer_bytes
 
+    @classmethod
+    def from_settings(cls, settings: Hl7Settings) -> MllpClient:
+        """The client for the partner the site configured (address, timeouts, TLS)."""
+        return cls(settings.host, settings.port, connect_timeout=settings.connect_timeout_seconds,
+                   read_timeout=settings.ack_timeout_seconds, ssl_context=ssl_context_for(settings))  # fmt: skip
+
     @property
     def partner(self) -> str:
         return f"{self.host}:{self.port}"
@@ -205,13 +211,7 @@ def deliver(
     ``attempts``. ``client`` replaces the MLLP client built from ``settings`` (tests).
     """
     log = log or _log
-    client = client or MllpClient(
-        settings.host,
-        settings.port,
-        connect_timeout=settings.connect_timeout_seconds,
-        read_timeout=settings.ack_timeout_seconds,
-        ssl_context=ssl_context_for(settings),
-    )
+    client = client or MllpClient.from_settings(settings)
     partner = f"{settings.host}:{settings.port}"
     started = time.monotonic()
     total = settings.retries + 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,24 +42,34 @@ class ProcessedStudy:
     partner: Partner
 
 
-@pytest.fixture
-def processed_study(prefect_server, orthanc, tmp_path) -> Iterator[ProcessedStudy]:
-    """A study sent by C-STORE and taken through the deployed watcher and study flow, before any browser
-    opens (Prefect's sync calls must not run inside Playwright's event loop). The worker keeps running."""
+@contextmanager
+def study_through_pipeline(orthanc, tmp_path, accession: str, worker: str, accept: bool = True):
+    """A study of 2 slices sent by C-STORE and taken through the deployed watcher and study flow (the HL7
+    partner answering AA, or refusing when not ``accept``), yielded once its study run ended, before any browser
+    opens (Prefect's sync calls must not run inside Playwright's event loop). The worker runs until the end."""
     _cfg, partner, start_worker = make_stack(orthanc, tmp_path)
-    worker = start_worker("w-ui")
+    partner.accept = accept
+    running = start_worker(worker)
     try:
-        files = write_ct_series(tmp_path / "ui", 2, accession="UI-0001")
+        files = write_ct_series(tmp_path / accession, 2, accession=accession)
         ds = pydicom.dcmread(files[0])
         start_watcher()
         wait_for(cursor_exists, 90, "the watcher to start following the change log")
         storescu(orthanc, files)
-        wait_for(lambda: any(r.state.is_completed() for r in study_runs()), 120, "the study run")
-        assert len(partner.received) == 1
-        yield ProcessedStudy(ds.StudyInstanceUID, "UI-0001", str(ds.PatientName), partner)
+        wait_for(lambda: any(r.state.is_final() for r in study_runs()), 120, "the study run to end")
+        yield ProcessedStudy(ds.StudyInstanceUID, accession, str(ds.PatientName), partner)
     finally:
-        worker.stop()
+        running.stop()
         partner.stop()
+
+
+@pytest.fixture
+def processed_study(prefect_server, orthanc, tmp_path) -> Iterator[ProcessedStudy]:
+    """A study whose run completed and notified the partner once."""
+    with study_through_pipeline(orthanc, tmp_path, "UI-0001", "w-ui") as study:
+        assert [r.state.type.value for r in study_runs()] == ["COMPLETED"]
+        assert len(study.partner.received) == 1
+        yield study
 
 
 @pytest.fixture
@@ -168,23 +179,11 @@ def test_operator_finds_a_study_run_sees_its_report_and_reruns_it_from_the_run_f
 @pytest.fixture
 def failed_study(prefect_server, orthanc, tmp_path) -> Iterator[ProcessedStudy]:
     """A study whose run failed because the HL7 partner refused it (it closes the connection without an ACK).
-    The partner accepts again once the fixture returns; the worker keeps running."""
-    _cfg, partner, start_worker = make_stack(orthanc, tmp_path)
-    partner.accept = False
-    worker = start_worker("w-retry")
-    try:
-        files = write_ct_series(tmp_path / "retry", 2, accession="UI-RETRY")
-        ds = pydicom.dcmread(files[0])
-        start_watcher()
-        wait_for(cursor_exists, 90, "the watcher to start following the change log")
-        storescu(orthanc, files)
-        wait_for(lambda: any(r.state.is_final() for r in study_runs()), 120, "the study run to end")
+    The partner accepts again once the fixture returns."""
+    with study_through_pipeline(orthanc, tmp_path, "UI-RETRY", "w-retry", accept=False) as study:
         assert [r.state.type.value for r in study_runs()] == ["FAILED"]
-        partner.accept = True
-        yield ProcessedStudy(ds.StudyInstanceUID, "UI-RETRY", str(ds.PatientName), partner)
-    finally:
-        worker.stop()
-        partner.stop()
+        study.partner.accept = True
+        yield study
 
 
 def test_retry_of_a_failed_study_run_in_the_ui_delivers_the_kept_message_once(
