@@ -36,7 +36,7 @@ from tasks.prefect_limits import exclusive, study_lock_name
 from tasks.route_tasks import list_instances, read_deliveries
 from tasks.rules import RoutingPlan, forced_plan, plan_routes, route_outcomes, routes_summary, study_facts
 from tasks.study_report import build_row, with_routes
-from tasks.watch_logic import derived_from, run_name
+from tasks.watch_logic import derived_from, manual_run_name, run_name
 
 _IDENTIFIER = re.compile(r"[0-9.]{1,64}|[0-9a-f-]{1,64}")
 
@@ -50,17 +50,8 @@ class StudyRunFailed(WorkflowError):
 NotificationFailed = StudyRunFailed
 
 
-_NAME_SAFE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
 def _run_name() -> str:
-    """Keep the name the watcher gave (``study-<accession>``); a run started by hand is named after what the
-    operator typed when it looks like an identifier, never after anything else (it could be a patient's name)."""
-    current = flow_run.name or ""
-    if current.startswith("study-"):
-        return current
-    study = str((flow_run.parameters or {}).get("study", "")).strip()
-    return f"study-{study}" if _NAME_SAFE.fullmatch(study) else "study-manual"
+    return manual_run_name(flow_run.name or "", str((flow_run.parameters or {}).get("study", "")))
 
 
 @flow(name="study-notify", flow_run_name=_run_name, persist_result=False)

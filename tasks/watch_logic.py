@@ -79,6 +79,20 @@ def run_name(accession: str | None, study_uid: str | None, study_id: str) -> str
     return f"study-{study_id}"
 
 
+_TYPED_ID = re.compile(r"(?=.*[0-9])[A-Za-z0-9._-]{1,64}")
+
+
+def manual_run_name(current: str, typed: str) -> str:
+    """The name of a study run as it starts: the one the watcher gave it (``study-...``), else
+    ``study-<what the operator typed>`` when that looks like an identifier (a UID, an Orthanc ID, an accession
+    number: no spaces, at least one digit), else ``study-manual``. Letters alone could be a patient's name,
+    which never goes into a run name."""
+    if current.startswith("study-"):
+        return current
+    typed = typed.strip()
+    return f"study-{typed}" if _TYPED_ID.fullmatch(typed) else "study-manual"
+
+
 def derived_from(study: dict[str, Any]) -> str | None:
     """The Orthanc ID a study was modified or anonymized from (our own routing made it), else None."""
     for key in ("ModifiedFrom", "AnonymizedFrom"):

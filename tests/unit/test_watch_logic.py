@@ -11,6 +11,7 @@ from tasks.watch_logic import (
     derived_from,
     log_state,
     looks_settled,
+    manual_run_name,
     next_cursor,
     run_key,
     run_name,
@@ -68,6 +69,28 @@ def test_run_key_differs_per_stable_state_and_is_stable_per_state():
 )
 def test_run_name_is_accession_or_uid_never_more(accession, uid, expected):
     assert run_name(accession, uid, "orthanc-id") == expected
+
+
+@pytest.mark.parametrize(
+    ("current", "typed", "expected"),
+    [
+        ("study-ACC0001", "whatever", "study-ACC0001"),  # the watcher's name stays
+        ("brave-otter", "1.2.826.0.1.3680043.8.498.1", "study-1.2.826.0.1.3680043.8.498.1"),
+        ("brave-otter", " CLI-1 ", "study-CLI-1"),
+        (
+            "brave-otter",
+            "4b9b60ea-97a58b00-e486d6a4-8cdd61c2-fdb20286",
+            "study-4b9b60ea-97a58b00-e486d6a4-8cdd61c2-fdb20286",
+        ),
+        ("brave-otter", "Mueller", "study-manual"),  # letters alone could be a patient's name
+        ("brave-otter", "Berg^Lena", "study-manual"),
+        ("brave-otter", "Lena Berg 1970", "study-manual"),
+        ("brave-otter", "", "study-manual"),
+        ("brave-otter", "1" * 65, "study-manual"),
+    ],
+)
+def test_a_manual_run_is_named_after_an_identifier_never_a_name(current, typed, expected):
+    assert manual_run_name(current, typed) == expected
 
 
 @pytest.mark.parametrize(
