@@ -129,9 +129,57 @@ def deploy_all(cfg: SiteConfig, project_root: Path = PROJECT_ROOT) -> list[str]:
             names.append(plan["name"])
         for share in cfg.all_shares:
             ensure_share_limit(share.name)
+        ensure_crash_automation(client)
         wanted = set(names)
         ingest = DeploymentFilter(tags=DeploymentFilterTags(all_=["ingest"]))
         for d in client.read_deployments(deployment_filter=ingest):
             if d.name.startswith("ingest-") and d.name not in wanted:
                 client.delete_deployment(d.id)
     return names
+
+
+CRASH_AUTOMATION = "owf: mark silent runs crashed"
+HEARTBEAT_SECONDS = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of every flow run (stack.services.prefect_env)
+SILENT_SECONDS = 3 * HEARTBEAT_SECONDS
+
+
+def ensure_crash_automation(client) -> None:
+    """A run whose process died with its worker (killed, host lost, out of memory) stays Running forever: no
+    one is left to end it. This automation (Prefect's own zombie detection, docs "detect zombie flows") marks a
+    run Crashed once it has sent no heartbeat for ``SILENT_SECONDS``; the watcher then starts crashed study runs
+    again (flows/watch.py), and the next window's run takes over a crashed sweep. Created once, by name."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    if client.read_automations_by_name(CRASH_AUTOMATION):
+        return
+    client.create_automation(
+        AutomationCore(
+            name=CRASH_AUTOMATION,
+            description="A flow run that stopped sending heartbeats (its worker or host died) is marked Crashed.",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={
+                    "prefect.flow-run.heartbeat",
+                    "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed",
+                },
+                match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=timedelta(seconds=SILENT_SECONDS),
+            ),
+            actions=[
+                ChangeFlowRunState(
+                    state=StateType.CRASHED,
+                    message=f"No heartbeat for {SILENT_SECONDS} s: the process running this flow was lost "
+                    "(worker killed or host down). Study runs are started again by the watcher.",
+                )
+            ],
+        )
+    )

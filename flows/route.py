@@ -64,7 +64,7 @@ def route_study(study_id: str, route_name: str, force: bool = False, config_path
     route = _route(cfg, route_name)
     settings = cfg.routing
     metadata = cfg.orthanc.routes_metadata
-    with client_from_config(cfg) as orthanc:
+    with client_from_config(cfg, logger=logger) as orthanc:
         instances = list_instances(orthanc, study_id)
         original_uid = ((orthanc.find_json(f"/studies/{study_id}") or {}).get("MainDicomTags") or {}).get(
             "StudyInstanceUID"

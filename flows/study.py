@@ -81,7 +81,7 @@ def study_notify(
         known = ", ".join(r.name for r in cfg.routes) or "none"
         raise StudyRunFailed(f"only_route: no route named {only_route!r} in the configuration (routes: {known})")
     outcomes: dict[str, Any] = {}
-    with client_from_config(cfg) as orthanc:
+    with client_from_config(cfg, logger=logger) as orthanc:
         try:
             study_ids = find_study(orthanc, study)
         except StudyNotFound as e:

@@ -25,11 +25,13 @@ from tasks.errors import OrthancAuthError, OrthancError, WorkflowError
 from tasks.orthanc import client_from_config
 from tasks.prefect_limits import exclusive
 from tasks.readiness import Backoff
+from tasks.watch_logic import CrashedRun, crashed_run_plan, gave_up_message
 from tasks.watcher import StudyRun, StudyWatcher, WatchCursor
 
 CURSOR_VARIABLE = "orthanc-watch-cursor"
 LOCK = "watch-orthanc"
 EVENT = "orthanc.study.stable"
+CRASH_CHECK_SECONDS = 20.0
 
 
 class WatchFailed(WorkflowError):
@@ -84,6 +86,46 @@ def make_run_creator(settings: WatchSettings):
     return create_run
 
 
+def restart_crashed_study_runs(settings: WatchSettings, logger) -> int:
+    """Start again every study run Prefect marked Crashed (the crash automation, deployments/deploy.py: its
+    process was lost with its worker or host). The same run is set Scheduled, as the UI's Retry button does: its
+    name, idempotency key and history stay, and the study flow's own records (HL7Notified, RouteDeliveries in
+    Orthanc) keep it from notifying or delivering twice. Returns how many were started again."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Failed, Scheduled
+
+    flow_name, deployment_name = settings.deployment.split("/", 1)
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"{flow_name}/{deployment_name}")
+        found = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED]))
+            ),
+            limit=200,
+        )
+        again, give_up = crashed_run_plan(
+            [CrashedRun(str(r.id), r.name, r.run_count) for r in found], settings.crash_restarts
+        )
+        for run in again:
+            client.set_flow_run_state(
+                run.id, Scheduled(message="started again by the watcher: its process was lost"), force=True
+            )
+            logger.warning("study run %s crashed (its process was lost); started again", run.name)
+        for run in give_up:
+            client.set_flow_run_state(run.id, Failed(message=gave_up_message(run)), force=True)
+            logger.error(gave_up_message(run))
+    return len(again)
+
+
 def _run_name() -> str:
     start = flow_run.scheduled_start_time or datetime.now(UTC)
     return f"watch-orthanc-{start:%Y%m%d-%H%M%S}"
@@ -124,7 +166,18 @@ def _follow(watcher: StudyWatcher, settings: WatchSettings, deadline: datetime, 
     failures = 0
     error: str | None = None
     created = 0
+    next_crash_check = 0.0
+    crash_check_error: str | None = None
     while True:
+        if time.monotonic() >= next_crash_check:
+            next_crash_check = time.monotonic() + CRASH_CHECK_SECONDS
+            try:
+                restart_crashed_study_runs(settings, logger)
+                crash_check_error = None
+            except Exception as e:  # the Prefect API is away: the next check finds them still crashed
+                if crash_check_error != type(e).__name__:
+                    logger.warning("could not look for crashed study runs: %s: %s", type(e).__name__, e)
+                crash_check_error = type(e).__name__
         try:
             report = watcher.poll()
         except OrthancAuthError:

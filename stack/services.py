@@ -356,6 +356,110 @@ class SambaServer:
             self.service.stop(grace=5)
 
 
+# -- PostgreSQL -----------------------------------------------------------------------------------------
+def _postgres_bin() -> Path:
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
+    if not versions:
+        raise RuntimeError("PostgreSQL not found: install the Debian package 'postgresql' (scripts/setup does)")
+    return versions[-1].parent
+
+
+@dataclass
+class PostgresServer:
+    """A PostgreSQL cluster of its own (Debian ``postgresql``) on a loopback port, for the Prefect server in
+    scale-out tests and the soak run. One database and one password-protected role; the password is made
+    up at first start and kept in ``workdir/password`` (mode 600), never in a config file.
+
+    PostgreSQL refuses to run as root, so as root the cluster belongs to the ``postgres`` system user and
+    lives in a folder of its own under /tmp (a pytest folder is not reachable for other users)."""
+
+    workdir: Path
+    port: int
+    database: str = "prefect"
+    user: str = "prefect"
+    pid_dir: Path | None = None
+    service: Service | None = None
+
+    @classmethod
+    def in_tmp(cls, port: int, **kw) -> PostgresServer:
+        """A cluster in a new folder under /tmp that the ``postgres`` user can reach."""
+        import tempfile
+
+        workdir = Path(tempfile.mkdtemp(prefix="owf-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(workdir, "postgres", "postgres")
+        return cls(workdir, port, **kw)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def password(self) -> str:
+        return (self.workdir / "password").read_text().strip()
+
+    def prefect_settings(self) -> dict[str, str]:
+        """Prefect's database settings for the server process only: workers never need them."""
+        return {
+            "PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg",
+            "PREFECT_SERVER_DATABASE_HOST": "127.0.0.1",
+            "PREFECT_SERVER_DATABASE_PORT": str(self.port),
+            "PREFECT_SERVER_DATABASE_USER": self.user,
+            "PREFECT_SERVER_DATABASE_PASSWORD": self.password,
+            "PREFECT_SERVER_DATABASE_NAME": self.database,
+        }
+
+    def _as_owner(self) -> list[str]:
+        if os.geteuid() != 0:
+            return []
+        return [_require("setpriv", "util-linux"), "--reuid=postgres", "--regid=postgres", "--init-groups"]
+
+    def _init(self, bindir: Path) -> None:
+        import secrets
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        pw = self.workdir / "password"
+        pw.write_text(secrets.token_urlsafe(24) + "\n")
+        pw.chmod(0o600)
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres", "postgres")
+            shutil.chown(pw, "postgres", "postgres")
+        out = subprocess.run([*self._as_owner(), str(bindir / "initdb"), "-D", str(self.data_dir), "-U", self.user,
+                        "--pwfile", str(pw), "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                        "--encoding=UTF8", "--locale=C.UTF-8"], capture_output=True, text=True)  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"initdb failed in {self.workdir}: {out.stderr.strip()[-500:]}")
+
+    def start(self, timeout: float = 60) -> PostgresServer:
+        bindir = _postgres_bin()
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._init(bindir)
+        argv = [*self._as_owner(), str(bindir / "postgres"), "-D", str(self.data_dir), "-p", str(self.port),
+                "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.workdir}",
+                "-c", "max_connections=200"]  # fmt: skip
+        self.service = Service("postgresql", argv, self.workdir, {}, self.pid_dir)
+        proc = self.service.spawn()
+        wait_until(lambda: self._query("select 1") == "1", timeout, "PostgreSQL", proc, self.service.log_path)
+        if self._query(f"select 1 from pg_database where datname = '{self.database}'") != "1":
+            self._query(f'create database "{self.database}"')
+        return self
+
+    def _query(self, sql: str) -> str:
+        out = subprocess.run([str(_postgres_bin() / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U",
+                              self.user, "-d", "postgres", "-tAc", sql], capture_output=True, text=True,
+                             env={**os.environ, "PGPASSWORD": self.password}, timeout=30)  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"psql: {out.stderr.strip()[-300:]}")
+        return out.stdout.strip()
+
+    def database_bytes(self) -> int:
+        return int(self._query(f"select pg_database_size('{self.database}')"))
+
+    def stop(self) -> None:
+        if self.service:
+            self.service.stop(grace=20)
+
+
 # -- Prefect ------------------------------------------------------------------------------------------
 def prefect_env(home: Path, port: int, retention_days: int = 7, event_retention_days: int = 2) -> dict[str, str]:
     """Environment for the embedded Prefect server and for every client (worker, CLI) that talks to it."""
@@ -374,6 +478,9 @@ def prefect_env(home: Path, port: int, retention_days: int = 7, event_retention_
         # them while their slots stay taken, and the share would never be swept again.
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "1",
+        # Every flow run sends a heartbeat; the crash automation (deployments/deploy.py) marks a run whose
+        # heartbeats stopped as Crashed. 30 s is Prefect's minimum.
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
         # Workers: poll every second, fetch only runs due now, so that a fast schedule is not over-fetched.
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_WORKER_PREFETCH_SECONDS": "1",
@@ -387,6 +494,7 @@ class PrefectServer:
     retention_days: int = 7
     event_retention_days: int = 2
     pid_dir: Path | None = None
+    database: PostgresServer | None = None  # None: SQLite in ``home``
     service: Service | None = None
 
     @property
@@ -395,12 +503,19 @@ class PrefectServer:
 
     @property
     def env(self) -> dict[str, str]:
+        """What every client (worker, CLI) needs: no database settings, those are the server's alone."""
         return prefect_env(self.home, self.port, self.retention_days, self.event_retention_days)
+
+    def database_bytes(self) -> int:
+        if self.database is not None:
+            return self.database.database_bytes()
+        return sum(p.stat().st_size for p in self.home.glob("prefect.db*"))
 
     def start(self, timeout: float = 120) -> PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.service = Service("prefect-server", argv, self.home, self.env, self.pid_dir)
+        env = {**self.env, **(self.database.prefect_settings() if self.database else {})}
+        self.service = Service("prefect-server", argv, self.home, env, self.pid_dir)
         proc = self.service.spawn()
         wait_until(lambda: httpx.get(self.api_url + "/health", timeout=2).status_code == 200, timeout,
                    "Prefect server", proc, self.service.log_path)  # fmt: skip

@@ -82,6 +82,13 @@ class OrthancConfig(Credentials):
     verify_tls: bool = True
     ca_bundle: Path | None = Field(None, description="PEM file of the CA that signed Orthanc's certificate.")
     timeout_seconds: float = Field(60.0, gt=0)
+    outage_wait_seconds: float = Field(
+        180.0,
+        ge=0,
+        le=3600,
+        description="Study and route runs wait this long for an Orthanc that cannot be reached (restarting), "
+        "retrying with backoff, before they fail.",
+    )
     source_metadata: str = Field(
         "IngestSource",
         description="Name of the Orthanc user metadata (declared in Orthanc's UserMetadata) that carries "
@@ -212,6 +219,13 @@ class WatchSettings(_Strict):
         "never notified when the change log must be rebuilt. Empty: when the watcher first ran.",
     )
     deployment: str = Field("study-notify/study-notify", description="Deployment each stable study runs.")
+    crash_restarts: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="A study run whose process was lost (worker killed, host down: Prefect marks it Crashed) is "
+        "started again by the watcher up to this many times, then marked Failed for an operator.",
+    )
 
 
 class ReportSettings(_Strict):

@@ -8,7 +8,8 @@ transport are arguments, so tests can point the client anywhere.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -35,8 +36,17 @@ class OrthancClient:
         timeout: float = 60.0,
         max_connections: int = 8,
         transport: httpx.BaseTransport | None = None,
+        outage_wait: float = 0.0,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
+        """``outage_wait``: for how long a request waits out an Orthanc that cannot be reached (restarting,
+        network blip), retrying with backoff, before OrthancUnavailable is raised. 0: raise at once (the ingest
+        and the watcher have their own backoff). Only requests that are safe to repeat are retried: any request
+        that never reached Orthanc (connection refused), and GET/PUT/DELETE after any transport error.
+        ``on_wait`` is told, once per outage, what is being waited for."""
         self.url = url.rstrip("/")
+        self.outage_wait = outage_wait
+        self.on_wait = on_wait
         auth = httpx.BasicAuth(username, password or "") if username else None
         self._http = httpx.Client(
             base_url=self.url,
@@ -57,11 +67,25 @@ class OrthancClient:
         self.close()
 
     # -- generic ---------------------------------------------------------------------------------------
+    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        deadline = time.monotonic() + self.outage_wait
+        delay, told = 0.5, False
+        while True:
+            try:
+                return self._http.request(method, path, **kw)
+            except httpx.TransportError as e:
+                repeatable = isinstance(e, httpx.ConnectError) or method in ("GET", "PUT", "DELETE", "HEAD")
+                if not repeatable or time.monotonic() + delay > deadline:
+                    raise OrthancUnavailable(f"Orthanc at {self.url} unreachable: {_first_line(e)}") from e
+                if self.on_wait and not told:
+                    self.on_wait(f"Orthanc at {self.url} unreachable ({_first_line(e)}); retrying with backoff for "
+                                 f"up to {self.outage_wait:.0f} s")  # fmt: skip
+                    told = True
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        try:
-            r = self._http.request(method, path, **kw)
-        except httpx.TransportError as e:
-            raise OrthancUnavailable(f"Orthanc at {self.url} unreachable: {_first_line(e)}") from e
+        r = self._send(method, path, **kw)
         if r.status_code in (401, 403):
             raise OrthancAuthError(f"Orthanc at {self.url} refused our credentials (HTTP {r.status_code})")
         if r.status_code >= 500:
@@ -71,10 +95,7 @@ class OrthancClient:
     def call(self, method: str, path: str, *, json_body: Any = None, content: bytes | None = None) -> httpx.Response:
         """One request whose answer the caller judges, whatever its status (Orthanc answers 500 for a
         destination it cannot reach). Transport errors and 401/403 still raise; nothing else does."""
-        try:
-            r = self._http.request(method, path, json=json_body, content=content)
-        except httpx.TransportError as e:
-            raise OrthancUnavailable(f"Orthanc at {self.url} unreachable: {_first_line(e)}") from e
+        r = self._send(method, path, json=json_body, content=content)
         if r.status_code in (401, 403):
             raise OrthancAuthError(f"Orthanc at {self.url} refused our credentials (HTTP {r.status_code})")
         return r
@@ -192,8 +213,10 @@ def _orthanc_status(r: httpx.Response) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def client_from_config(cfg: SiteConfig, *, max_connections: int = 8) -> OrthancClient:
-    """The client for the configured Orthanc, with its password resolved (env or Secret block)."""
+def client_from_config(cfg: SiteConfig, *, max_connections: int = 8, logger: Any = None) -> OrthancClient:
+    """The client for the configured Orthanc, with its password resolved (env or Secret block). With a
+    ``logger`` (study and route runs), requests wait out an Orthanc outage of up to
+    ``orthanc.outage_wait_seconds``, saying so in the run's log."""
     o = cfg.orthanc
     verify: bool | str = str(o.ca_bundle) if o.ca_bundle else o.verify_tls
     return OrthancClient(
@@ -203,4 +226,6 @@ def client_from_config(cfg: SiteConfig, *, max_connections: int = 8) -> OrthancC
         verify=verify,
         timeout=o.timeout_seconds,
         max_connections=max_connections,
+        outage_wait=o.outage_wait_seconds if logger is not None else 0.0,
+        on_wait=logger.warning if logger is not None else None,
     )

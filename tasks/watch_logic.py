@@ -123,3 +123,27 @@ def after_horizon(last_update: str, horizon: str) -> bool:
     h = parse_orthanc_time(horizon) if horizon else None
     u = parse_orthanc_time(last_update)
     return h is None or u is None or u >= h
+
+
+@dataclass(frozen=True)
+class CrashedRun:
+    """A study run Prefect marked Crashed: its process was lost (worker killed, host down)."""
+
+    id: str
+    name: str
+    run_count: int  # times its flow body started
+
+
+def crashed_run_plan(runs: list[CrashedRun], max_restarts: int) -> tuple[list[CrashedRun], list[CrashedRun]]:
+    """Which crashed study runs to start again (the same run: its name, key and history stay), and which to
+    hand to an operator because they crashed too often (a study that kills its process every time)."""
+    again = [r for r in runs if r.run_count <= max_restarts]
+    give_up = [r for r in runs if r.run_count > max_restarts]
+    return again, give_up
+
+
+def gave_up_message(run: CrashedRun) -> str:
+    return (
+        f"study run {run.name} crashed {run.run_count} times (its process was lost each time); not started again "
+        "automatically. Check the worker's log and memory, then rerun the study (owf rerun, or Run in the UI)."
+    )

@@ -6,9 +6,12 @@ import pytest
 
 from tasks.notify_state import Decision, Notified, Pending, content_digest, decide, dump, load_notified, load_pending
 from tasks.watch_logic import (
+    CrashedRun,
     LogState,
     after_horizon,
+    crashed_run_plan,
     derived_from,
+    gave_up_message,
     log_state,
     looks_settled,
     manual_run_name,
@@ -168,3 +171,24 @@ def test_records_round_trip_and_garbage_reads_as_none():
     for text in (None, "", "not json", "[1]", '{"unexpected": 1}'):
         assert load_notified(text) is None
         assert load_pending(text) is None
+
+
+@pytest.mark.parametrize(
+    ("run_count", "max_restarts", "again"),
+    [
+        (0, 3, True),  # lost before its body started (killed while Pending)
+        (1, 3, True),  # first attempt lost
+        (3, 3, True),  # third attempt lost: one more
+        (4, 3, False),  # crashed every time: an operator looks at it
+        (1, 0, False),  # restarts switched off
+    ],
+)
+def test_crashed_study_runs_are_restarted_a_bounded_number_of_times(run_count, max_restarts, again):
+    run = CrashedRun("id-1", "study-ACC1", run_count)
+    restart, give_up = crashed_run_plan([run], max_restarts)
+    assert (restart, give_up) == (([run], []) if again else ([], [run]))
+
+
+def test_giving_up_says_what_to_do_and_names_no_patient():
+    text = gave_up_message(CrashedRun("id-1", "study-ACC1", 4))
+    assert "study-ACC1" in text and "crashed 4 times" in text and "owf rerun" in text
