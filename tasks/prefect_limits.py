@@ -11,7 +11,7 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists
 
 from tasks.errors import WorkflowError
 
@@ -37,13 +37,14 @@ def study_lock_name(study_id: str) -> str:
 
 def ensure_limit(name: str, limit: int = 1) -> str:
     """Create the limit ``name`` with ``limit`` slots if it does not exist yet (or set its size if the
-    configuration changed); return its name."""
+    configuration changed); return its name. Create first, read only if it exists: with several workers, two
+    runs often ask for the same new limit at once (reading first, both saw none and the second create failed
+    with a conflict, failing a study run)."""
     with get_client(sync_client=True) as client:
         try:
-            existing = client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
-        else:
+        except ObjectAlreadyExists:
+            existing = client.read_global_concurrency_limit_by_name(name)
             if existing.limit != limit:
                 client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
     return name

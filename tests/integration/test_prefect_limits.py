@@ -70,3 +70,20 @@ def test_an_unreachable_server_is_said_so_not_taken_for_a_busy_lock(monkeypatch)
         hold_slot("any", 1.5),
     ):
         pass
+
+
+def test_a_limit_asked_for_by_many_runs_at_once_is_made_once_and_fails_none(prefect_server):
+    """Several workers start study runs of the same lock at the same moment: each makes sure the limit exists.
+    None fails, and asking again for another size resizes it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.client.orchestration import get_client
+
+    from tasks.prefect_limits import ensure_limit
+
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(lambda _: ensure_limit(name, 1), range(16))) == [name] * 16
+    assert ensure_limit(name, 3) == name
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).limit == 3
