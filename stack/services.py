@@ -122,6 +122,17 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and its live descendants (VmRSS summed; shared pages count once per process)."""
+    total = 0
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
 def pid_files(folder: Path) -> dict[str, int]:
     """The processes `owf up` (or a fixture) recorded in ``folder``: PID file name -> PID."""
     out = {}
