@@ -16,7 +16,8 @@ dropped into the inbox (3 CT slices each). Every --sample seconds it records, an
   memory   resident memory (MB) of every process tree `owf up` started (Orthanc, the Prefect server, the
            worker with the flow runs it started), from their PID files
   db       the Prefect database's size (MB): the SQLite files, or pg_database_size
-  runs     flow runs by state so far, from the Prefect API
+  runs     flow runs by state so far, from the Prefect API (SCHEDULED ones include those Prefect's scheduler
+           creates up to an hour ahead)
   errors   flow runs that Failed or Crashed, studies sent but not notified after StableAge plus 3 minutes,
            and ERROR lines in the stack's logs
 
@@ -179,7 +180,7 @@ def main() -> None:
                 }  # fmt: skip
                 samples.append(sample)
                 mem = " ".join(f"{k}={v:.0f}MB" for k, v in sample["memory_mb"].items())
-                progress(f"{bar(now - start, total)}  {mem}  db={sample['db_mb']}MB  runs={sum(states.values())}  "
+                progress(f"{bar(now - start, total)}  {mem}  db={sample['db_mb']}MB  runs={dict(states)}  "
                          f"notified {sample['notified']}/{len(sent)}  errors={sample['errors']}")  # fmt: skip
             time.sleep(0.5)
         # the last studies: give them StableAge and a run to be notified
@@ -210,7 +211,8 @@ def main() -> None:
         "studies_notified": len(set(notified_all) & set(sent)),
         "duplicate_notifications": len(notified_all) - len(set(notified_all)),
         "runs": dict(states),
-        "runs_per_minute": round(len(runs) / minutes, 2),
+        # runs that started (the scheduler also creates runs up to an hour ahead: those are not counted)
+        "runs_per_minute": round(sum(1 for r in runs if r.get("start_time")) / minutes, 2),
         "memory": memory,
         "db_mb": {
             "first": samples[0]["db_mb"] if samples else None,
