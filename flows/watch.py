@@ -25,13 +25,16 @@ from tasks.errors import OrthancAuthError, OrthancError, WorkflowError
 from tasks.orthanc import client_from_config
 from tasks.prefect_limits import exclusive
 from tasks.readiness import Backoff
-from tasks.watch_logic import CrashedRun, crashed_run_plan, gave_up_message
+from tasks.watch_logic import CrashedRun, crashed_run_plan, gave_up_message, is_lost
 from tasks.watcher import StudyRun, StudyWatcher, WatchCursor
 
 CURSOR_VARIABLE = "orthanc-watch-cursor"
 LOCK = "watch-orthanc"
 EVENT = "orthanc.study.stable"
 CRASH_CHECK_SECONDS = 20.0
+# A run's worker claims it (Pending) and starts its process within seconds; still Pending after this long, the
+# worker died before the run began. Such a run never sent a heartbeat, so the crash automation cannot see it.
+PENDING_LOST_SECONDS = 150.0
 
 
 class WatchFailed(WorkflowError):
@@ -88,7 +91,8 @@ def make_run_creator(settings: WatchSettings):
 
 def restart_crashed_study_runs(settings: WatchSettings, logger) -> int:
     """Start again every study run Prefect marked Crashed (the crash automation, deployments/deploy.py: its
-    process was lost with its worker or host). The same run is set Scheduled, as the UI's Retry button does: its
+    process was lost with its worker or host), and every one left Pending by a worker that died before the run
+    began. The same run is set Scheduled, as the UI's Retry button does: its
     name, idempotency key and history stay, and the study flow's own records (HL7Notified, RouteDeliveries in
     Orthanc) keep it from notifying or delivering twice. Returns how many were started again."""
     from prefect.client.orchestration import get_client
@@ -108,13 +112,18 @@ def restart_crashed_study_runs(settings: WatchSettings, logger) -> int:
         found = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
             flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED]))
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.CRASHED, StateType.PENDING]))
             ),
             limit=200,
         )
-        again, give_up = crashed_run_plan(
-            [CrashedRun(str(r.id), r.name, r.run_count) for r in found], settings.crash_restarts
-        )
+        now = datetime.now(UTC)
+        lost = [
+            CrashedRun(str(r.id), r.name, r.run_count)
+            for r in found
+            if r.state is not None
+            and is_lost(r.state.type.value, (now - r.state.timestamp).total_seconds(), PENDING_LOST_SECONDS)
+        ]
+        again, give_up = crashed_run_plan(lost, settings.crash_restarts)
         for run in again:
             client.set_flow_run_state(
                 run.id, Scheduled(message="started again by the watcher: its process was lost"), force=True

@@ -134,6 +134,14 @@ class CrashedRun:
     run_count: int  # times its flow body started
 
 
+def is_lost(state_type: str, seconds_in_state: float, pending_lost_seconds: float) -> bool:
+    """Is a study run lost with its process? Crashed: yes. Pending (claimed by a worker, process starting) for
+    longer than ``pending_lost_seconds``: its worker died before the run began. Anything else: no."""
+    if state_type == "CRASHED":
+        return True
+    return state_type == "PENDING" and seconds_in_state > pending_lost_seconds
+
+
 def crashed_run_plan(runs: list[CrashedRun], max_restarts: int) -> tuple[list[CrashedRun], list[CrashedRun]]:
     """Which crashed study runs to start again (the same run: its name, key and history stay), and which to
     hand to an operator because they crashed too often (a study that kills its process every time)."""

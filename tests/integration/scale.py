@@ -146,6 +146,8 @@ class Pipeline:
     window_seconds: int = 40
     max_concurrent: int = 1
     sent: set[str] = field(default_factory=set)  # Study Instance UIDs of every study any Traffic sent
+    bad: set[str] = field(default_factory=set)  # share/path of every bad file any Traffic wrote
+    counter: int = 0  # names and accession numbers stay unique across the tests sharing this pipeline
 
     def start(self) -> Pipeline:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -310,14 +312,13 @@ class Traffic:
     studies: dict[str, SentStudy] = field(default_factory=dict)
     bad: dict[str, list[str]] = field(default_factory=lambda: {"drop": [], "smbdrop": []})  # share -> paths
     good_files: dict[str, dict[str, str]] = field(default_factory=lambda: {"drop": {}, "smbdrop": {}})  # path -> SOP
-    _n: int = 0
 
     def _folder(self, share: str) -> Path:
         return self.pipe.drop if share == "drop" else self.pipe.samba.share_dir
 
     def _next(self, prefix: str) -> str:
-        self._n += 1
-        return f"{prefix}-{self._n:04d}"
+        self.pipe.counter += 1
+        return f"{prefix}-{self.pipe.counter:04d}"
 
     def _datasets(self, source: str, count: int):
         accession = self._next("FT")
@@ -380,6 +381,7 @@ class Traffic:
         name = f"{self._next('junk')}{self.rng.choice(['.dcm', '.bin', ''])}"
         (self._folder(share) / name).write_bytes(self.rng.randbytes(self.rng.randint(200, 20000)))
         self.bad[share].append(name)
+        self.pipe.bad.add(f"{share}/{name}")
 
     def cut_short(self, share: str) -> None:
         """A DICOM file whose writer died half-way: it waits out the grace period, then goes to quarantine."""
@@ -390,6 +392,7 @@ class Traffic:
         data = scratch.read_bytes()
         (self._folder(share) / scratch.name).write_bytes(data[: int(len(data) * self.rng.uniform(0.4, 0.8))])
         self.bad[share].append(scratch.name)
+        self.pipe.bad.add(f"{share}/{scratch.name}")
 
 
 # -- what arrived ---------------------------------------------------------------------------------------------
@@ -415,6 +418,7 @@ class Ledger:
     max_concurrent_deliveries: int = 0
     study_runs: int = 0
     study_runs_per_study: dict[str, int] = field(default_factory=dict)
+    extra_runs: list[str] = field(default_factory=list)  # more study runs than the study had stable states
     extra_orthanc_studies: list[str] = field(default_factory=list)
 
     @property
@@ -431,7 +435,8 @@ class Ledger:
                       "lost": len(self.files_lost), "still_in_share": len(self.files_left)},
             "studies": {"sent": self.studies, "notified": self.notified, "notifications": self.notifications,
                         "updates": self.updates, "not_notified": len(self.not_notified),
-                        "duplicates": len(self.duplicate_notifications), "study_runs": self.study_runs},
+                        "duplicates": len(self.duplicate_notifications), "study_runs": self.study_runs,
+                        "extra_runs": len(self.extra_runs)},
             "routes": {"due": self.routes, "deliveries": self.deliveries, "not_delivered": len(self.not_delivered),
                        "duplicates": len(self.duplicate_deliveries),
                        "max_concurrent_deliveries": self.max_concurrent_deliveries},
@@ -441,7 +446,7 @@ class Ledger:
         return {k: v for k, v in {
             "files_lost": self.files_lost, "files_left": self.files_left[:20],
             "unexplained_quarantine": self.unexplained_quarantine, "not_notified": self.not_notified,
-            "stale": self.stale, "duplicate_notifications": self.duplicate_notifications,
+            "stale": self.stale, "duplicate_notifications": self.duplicate_notifications, "extra_runs": self.extra_runs,
             "not_delivered": self.not_delivered, "duplicate_deliveries": self.duplicate_deliveries,
             "extra_orthanc_studies": self.extra_orthanc_studies}.items() if v}  # fmt: skip
 
@@ -502,7 +507,7 @@ def take_ledger(pipe: Pipeline, traffic: Traffic) -> Ledger:
                 led.files_lost.append(f"{share}/{name}")
     for share in traffic.bad:
         qdir = traffic._folder(share) / QUARANTINE
-        expected = set(traffic.bad[share])
+        expected = {b.split("/", 1)[1] for b in pipe.bad if b.startswith(f"{share}/")}
         for p in qdir.rglob("*") if qdir.exists() else []:
             if p.is_file() and not p.name.endswith(".reason.json"):
                 rel = str(p.relative_to(qdir))
@@ -576,6 +581,12 @@ def take_ledger(pipe: Pipeline, traffic: Traffic) -> Ledger:
             if tag.startswith("study-uid:"):
                 uid = tag.split(":", 1)[1]
                 led.study_runs_per_study[uid] = led.study_runs_per_study.get(uid, 0) + 1
+    for uid, sent in traffic.studies.items():
+        # each run of a study is one stable state of it, and each stable state that changed the study sent a
+        # notification or an update: more runs than that is a run created twice
+        n_runs, n_notes = led.study_runs_per_study.get(uid, 0), len(by_study.get(uid, {}))
+        if n_runs > max(n_notes, 1):
+            led.extra_runs.append(f"{sent.accession}: {n_runs} study runs, {n_notes} notification(s)")
     return led
 
 

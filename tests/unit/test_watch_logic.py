@@ -12,6 +12,7 @@ from tasks.watch_logic import (
     crashed_run_plan,
     derived_from,
     gave_up_message,
+    is_lost,
     log_state,
     looks_settled,
     manual_run_name,
@@ -192,3 +193,18 @@ def test_crashed_study_runs_are_restarted_a_bounded_number_of_times(run_count, m
 def test_giving_up_says_what_to_do_and_names_no_patient():
     text = gave_up_message(CrashedRun("id-1", "study-ACC1", 4))
     assert "study-ACC1" in text and "crashed 4 times" in text and "owf rerun" in text
+
+
+@pytest.mark.parametrize(
+    ("state", "seconds", "lost"),
+    [
+        ("CRASHED", 0, True),
+        ("PENDING", 10, False),  # a worker is starting its process
+        ("PENDING", 151, True),  # the worker died after claiming it
+        ("RUNNING", 10_000, False),  # a long run: the heartbeat automation judges it
+        ("SCHEDULED", 10_000, False),
+        ("FAILED", 10_000, False),  # failed for a reason an operator must see
+    ],
+)
+def test_lost_study_runs(state, seconds, lost):
+    assert is_lost(state, seconds, 150) is lost
