@@ -50,7 +50,18 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subpr
 
 
 def stop_pid(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by ``pid`` (or the process), then SIGKILL after ``grace`` seconds."""
+    """SIGTERM the process group led by ``pid`` (or the process), then SIGKILL after ``grace`` seconds; then
+    SIGKILL whatever it had started in a session of its own (a Prefect worker's flow runs are such), which
+    would otherwise outlive it."""
+    descendants = [p for p in process_tree(pid) if p != pid]
+    _stop_group(pid, grace)
+    for child in descendants:
+        if _alive(child):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
+
+
+def _stop_group(pid: int, grace: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             try:
