@@ -81,23 +81,20 @@ class PrefectApi:
                 raise AssertionError(f"Prefect API {method} {path} failed for {wait:.0f} s")
             time.sleep(1)
 
-    def flow_runs(self, deployment: str) -> list[dict]:
+    def _paged(self, path: str, body: dict) -> list[dict]:
+        """Every item a ``POST .../filter`` endpoint answers, 200 at a time."""
         out: list[dict] = []
         while True:
-            body = {"deployments": {"name": {"any_": [deployment]}}, "limit": 200, "offset": len(out)}
-            page = self._call("POST", "/flow_runs/filter", body).json()
+            page = self._call("POST", path, {**body, "limit": 200, "offset": len(out)}).json()
             out += page
             if len(page) < 200:
                 return out
 
+    def flow_runs(self, deployment: str) -> list[dict]:
+        return self._paged("/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}})
+
     def artifacts(self, key: str) -> list[dict]:
-        out: list[dict] = []
-        while True:
-            body = {"artifacts": {"key": {"any_": [key]}}, "limit": 200, "offset": len(out)}
-            page = self._call("POST", "/artifacts/filter", body).json()
-            out += page
-            if len(page) < 200:
-                return out
+        return self._paged("/artifacts/filter", {"artifacts": {"key": {"any_": [key]}}})
 
     def start(self, deployment: str, parameters: dict | None = None) -> str:
         dep = self._call("GET", f"/deployments/name/{deployment}").json()
@@ -107,9 +104,6 @@ class PrefectApi:
     def variable(self, name: str) -> str | None:
         r = self._call("GET", f"/variables/name/{name}")
         return r.json().get("value") if r.status_code == 200 else None
-
-    def global_limits(self) -> list[dict]:
-        return self._call("POST", "/v2/concurrency_limits/filter", {"limit": 200}).json()
 
 
 def flow_run_pids(run_id: str) -> list[int]:
