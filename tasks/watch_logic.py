@@ -125,6 +125,13 @@ def after_horizon(last_update: str, horizon: str) -> bool:
     return h is None or u is None or u >= h
 
 
+def within_horizon(last_update: str, horizon: str, stable_change_after_horizon: bool) -> bool:
+    """Is a study the watcher's to notify? Yes when it was updated after the horizon, and also when it was
+    updated before but became stable after it (Orthanc reported its StableStudy change after the horizon): a
+    study still arriving when the watcher first starts is not part of the backlog the horizon leaves out."""
+    return stable_change_after_horizon or after_horizon(last_update, horizon)
+
+
 @dataclass(frozen=True)
 class CrashedRun:
     """A study run Prefect marked Crashed: its process was lost (worker killed, host down)."""

@@ -23,6 +23,7 @@ from tasks.watch_logic import (
     next_cursor,
     run_key,
     run_name,
+    within_horizon,
 )
 
 PAGE = 500
@@ -31,8 +32,8 @@ OPENING = ("NewStudy", "NewSeries", "StableStudy")
 
 @dataclass
 class WatchCursor:
-    """What survives a restart: every change up to ``seq`` is handled. ``horizon`` (Orthanc time): older
-    studies are never notified when the log must be rebuilt. ``date``: Orthanc time of change ``seq``."""
+    """What survives a restart: every change up to ``seq`` is handled. ``horizon`` (Orthanc time): studies
+    updated before it and already stable at it are never notified. ``date``: Orthanc time of change ``seq``."""
 
     seq: int
     horizon: str
@@ -196,7 +197,10 @@ class StudyWatcher:
                 self._close(study_id)
                 continue
             last_update = str(study.get("LastUpdate", ""))
-            if not after_horizon(last_update, self.cursor.horizon if self.cursor else ""):
+            horizon = self.cursor.horizon if self.cursor else ""
+            if not within_horizon(last_update, horizon, study_id in self.stable_seen):
+                self.log.info("study %s was last updated at %s, before the watcher's horizon %s: not notified "
+                              "(watch.horizon moves that point)", study_id, last_update, horizon)  # fmt: skip
                 self._close(study_id)
                 continue
             why = ""

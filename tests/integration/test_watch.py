@@ -144,6 +144,42 @@ def test_orthanc_restarted_while_the_study_settles_is_still_processed_once(slow_
     assert len(runs_of(dep_id)) == 1
 
 
+@pytest.fixture
+def orthanc_stable_4s(tmp_path):
+    """An Orthanc of the test's own with StableAge 4 s: long enough that a study is still settling a second
+    after it arrived, short enough to wait for."""
+    server = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), stable_age=4).start()
+    yield server
+    server.stop()
+
+
+def all_stable(server: OrthancServer) -> bool:
+    return all(
+        httpx.get(f"{server.url}/studies/{s}").json()["IsStable"] for s in httpx.get(f"{server.url}/studies").json()
+    )
+
+
+def test_first_start_notifies_a_study_still_arriving_not_the_backlog(orthanc_stable_4s, study_deployment, tmp_path):
+    """The soak found it: a study sent a few seconds before the watcher's very first run (``owf up`` and a
+    modality sending at once) was last updated before the horizon and was dropped without a word."""
+    server = orthanc_stable_4s
+    deployment, dep_id = study_deployment
+    storescu(server, write_ct_series(tmp_path / "old", 2, accession="BACKLOG1"))
+    deadline = time.monotonic() + 20
+    while not all_stable(server):
+        assert time.monotonic() < deadline, "the backlog study never became stable"
+        time.sleep(0.5)
+    storescu(server, write_ct_series(tmp_path / "new", 2, accession="ARRIVING1"))
+    time.sleep(1.1)  # its LastUpdate is now strictly before the horizon the first start sets
+    w = make_watcher(server.url, deployment, store_name(), settle_seconds=30)
+    w.poll()  # first start
+    assert runs_of(dep_id) == []
+    poll_until([w], lambda: len(runs_of(dep_id)) >= 1)
+    time.sleep(1)
+    w.poll()
+    assert [run.name for run in runs_of(dep_id)] == ["study-ARRIVING1"]
+
+
 def test_a_cleared_change_log_is_reported_and_the_study_still_processed(orthanc, study_deployment, tmp_path):
     deployment, dep_id = study_deployment
     cursor = store_name()

@@ -19,6 +19,7 @@ from tasks.watch_logic import (
     next_cursor,
     run_key,
     run_name,
+    within_horizon,
 )
 
 
@@ -134,6 +135,21 @@ def test_looks_settled(last_update, now, settle, expected):
 )
 def test_after_horizon(updated, horizon, expected):
     assert after_horizon(updated, horizon) is expected
+
+
+@pytest.mark.parametrize(
+    ("updated", "horizon", "stable_change_after", "expected"),
+    [
+        ("20261203T100000", "20261203T090000", False, True),  # updated after the first start
+        ("20261203T100000", "20261203T090000", True, True),
+        ("20261203T085959", "20261203T090000", True, True),  # still arriving at the first start: ours
+        ("20261203T085959", "20261203T090000", False, False),  # already stable then: the backlog
+        ("20261203T080000", "", False, True),  # no horizon
+        ("", "20261203T090000", False, True),  # unreadable LastUpdate: never dropped on a guess
+    ],
+)
+def test_within_horizon(updated, horizon, stable_change_after, expected):
+    assert within_horizon(updated, horizon, stable_change_after) is expected
 
 
 ROW = {"study_instance_uid": "1.2.3", "number_of_instances": 3, "warnings": "no dose"}
