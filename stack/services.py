@@ -244,6 +244,7 @@ class OrthancServer:
     extra_config: dict = field(default_factory=dict)
     pid_dir: Path | None = None
     service: Service | None = None
+    env: dict[str, str] = field(default_factory=dict)  # e.g. TZ, to run it in a hospital's time zone
     # The metadata our flows write: source of every uploaded instance, what was notified for a study, and
     # a message built but not yet acknowledged. Names as in the site config (orthanc.*_metadata).
     user_metadata: tuple[str, ...] = ("IngestSource", "HL7Notified", "HL7Pending", "RouteDeliveries")
@@ -283,7 +284,8 @@ class OrthancServer:
         cfg_path = self.workdir / "orthanc.json"
         cfg_path.write_text(json.dumps(self.config(), indent=2))
         # DCMTK leaves Nagle on unless TCP_NODELAY=1: C-STORE crawls at ~11 instances/s without it.
-        self.service = Service("orthanc", [binary, str(cfg_path)], self.workdir, {"TCP_NODELAY": "1"}, self.pid_dir)
+        self.service = Service("orthanc", [binary, str(cfg_path)], self.workdir, {"TCP_NODELAY": "1", **self.env},
+                               self.pid_dir)  # fmt: skip
         proc = self.service.spawn()
         wait_until(lambda: httpx.get(self.url + "/system", timeout=1).status_code == 200, timeout, "Orthanc",
                    proc, self.service.log_path)  # fmt: skip

@@ -215,7 +215,7 @@ class WatchSettings(_Strict):
     )
     horizon: str = Field(
         "",
-        description="Studies last updated before this moment (Orthanc's LastUpdate, e.g. 20260101T000000) and "
+        description="Studies last updated before this moment (UTC, as Orthanc's LastUpdate, e.g. 20260101T000000) and "
         "already stable then are the backlog: never notified. Empty: when the watcher first ran.",
     )
     deployment: str = Field("study-notify/study-notify", description="Deployment each stable study runs.")

@@ -123,11 +123,12 @@ class OrthancClient:
             raise OrthancError(f"Orthanc answered HTTP {r.status_code} to POST {path}")
         return r.json()
 
-    def now_local(self) -> str:
-        """Orthanc's clock in its own local time (``20261203T213912``): what LastUpdate is written in."""
-        r = self._request("GET", "/tools/now-local")
+    def now(self) -> str:
+        """Orthanc's clock in UTC (``20261203T213912``): what LastUpdate and the change log's dates are written
+        in. (``/tools/now-local`` is the host's local time: hours away from LastUpdate outside UTC.)"""
+        r = self._request("GET", "/tools/now")
         if r.status_code != 200:
-            raise OrthancError(f"Orthanc answered HTTP {r.status_code} to GET /tools/now-local")
+            raise OrthancError(f"Orthanc answered HTTP {r.status_code} to GET /tools/now")
         return r.text.strip().strip('"')
 
     def system(self) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def derived_from(study: dict[str, Any]) -> str | None:
 
 
 def parse_orthanc_time(value: str) -> datetime | None:
-    """Orthanc's ``20261203T213912`` (its local time, no zone)."""
+    """Orthanc's ``20261203T213912`` (UTC, no zone: LastUpdate, change dates, ``/tools/now``)."""
     try:
         return datetime.strptime(value.strip()[:15], "%Y%m%dT%H%M%S")
     except (ValueError, AttributeError):

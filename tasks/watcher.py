@@ -106,7 +106,7 @@ class StudyWatcher:
         if saved is not None:
             self.log.info("following Orthanc's change log from change %d", saved.seq)
             return saved
-        now = self.orthanc.now_local()
+        now = self.orthanc.now()
         horizon = self.settings.horizon or now
         cursor = WatchCursor(0, horizon)
         self.store.save(cursor)
@@ -210,7 +210,7 @@ class StudyWatcher:
                 why = "stable"
             else:
                 if orthanc_now is None:
-                    orthanc_now = self.orthanc.now_local()
+                    orthanc_now = self.orthanc.now()
                 if looks_settled(last_update, orthanc_now, self.settings.settle_seconds):
                     why = (f"no images for {self.settings.settle_seconds} s but no StableStudy change "
                            "(Orthanc restarted while the study was settling?)")  # fmt: skip

@@ -19,6 +19,7 @@ from stack.services import OrthancServer, free_port
 from stack.synthetic import write_ct_series
 from tasks.config import WatchSettings
 from tasks.orthanc import OrthancClient
+from tasks.watch_logic import parse_orthanc_time
 from tasks.watcher import StudyWatcher
 
 pytestmark = pytest.mark.integration
@@ -116,8 +117,10 @@ def test_watcher_restarted_while_the_study_settles(orthanc, study_deployment, tm
 
 @pytest.fixture
 def slow_orthanc(tmp_path):
-    """An Orthanc of the test's own with StableAge 30 s, so a restart surely comes before stability."""
-    server = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), stable_age=30).start()
+    """An Orthanc of the test's own with StableAge 30 s, so a restart surely comes before stability; in a time
+    zone 10 hours behind UTC (POSIX TZ: no tzdata needed), as in Hawaii; LastUpdate is UTC whatever the zone."""
+    server = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), stable_age=30,
+                           env={"TZ": "HST10"}).start()  # fmt: skip
     yield server
     server.stop()
 
@@ -147,8 +150,10 @@ def test_orthanc_restarted_while_the_study_settles_is_still_processed_once(slow_
 @pytest.fixture
 def orthanc_stable_4s(tmp_path):
     """An Orthanc of the test's own with StableAge 4 s: long enough that a study is still settling a second
-    after it arrived, short enough to wait for."""
-    server = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), stable_age=4).start()
+    after it arrived, short enough to wait for. In a time zone 14 hours ahead of UTC: the watcher must compare
+    Orthanc's UTC LastUpdate with Orthanc's UTC clock, not its local one."""
+    server = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), stable_age=4,
+                           env={"TZ": "LINT-14"}).start()  # fmt: skip
     yield server
     server.stop()
 
@@ -164,6 +169,10 @@ def test_first_start_notifies_a_study_still_arriving_not_the_backlog(orthanc_sta
     modality sending at once) was last updated before the horizon and was dropped without a word."""
     server = orthanc_stable_4s
     deployment, dep_id = study_deployment
+    local, utc = (
+        parse_orthanc_time(httpx.get(f"{server.url}/tools/{what}").text.strip('"')) for what in ("now-local", "now")
+    )
+    assert round((local - utc).total_seconds() / 3600) == 14, f"Orthanc should run 14 h ahead of UTC: {local} {utc}"
     storescu(server, write_ct_series(tmp_path / "old", 2, accession="BACKLOG1"))
     deadline = time.monotonic() + 20
     while not all_stable(server):
