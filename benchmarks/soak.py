@@ -14,7 +14,7 @@ Every --every seconds a new study arrives, in turn by C-STORE (dcmtk storescu, A
 dropped into the inbox (3 CT slices each). Every --sample seconds it records, and prints as progress:
 
   memory   resident memory (MB) of every process tree `owf up` started (Orthanc, the Prefect server, the
-           worker with the flow runs it started), from their PID files
+           worker with the flow runs it started), from their PID files, and of each started process alone
   db       the Prefect database's size (MB): the SQLite files, or pg_database_size
   runs     flow runs by state so far, from the Prefect API (SCHEDULED ones include those Prefect's scheduler
            creates up to an hour ahead)
@@ -47,7 +47,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from stack.services import PostgresServer, free_port, pid_files, tree_rss_bytes
+from stack.services import PostgresServer, free_port, pid_files, rss_bytes, tree_rss_bytes
 from stack.synthetic import write_ct_series
 from tests.integration.partner import Partner
 
@@ -170,6 +170,8 @@ def main() -> None:
                 sample = {
                     "t": round(now - start),
                     "memory_mb": {name: round(tree_rss_bytes(pid) / 1e6, 1) for name, pid in sorted(pids.items())},
+                    # the started process alone (the worker without the flow runs it started)
+                    "memory_self_mb": {name: round(rss_bytes(pid) / 1e6, 1) for name, pid in sorted(pids.items())},
                     "db_mb": round(db_bytes() / 1e6, 2),
                     "runs": dict(states),
                     "studies_sent": len(sent),
@@ -199,10 +201,11 @@ def main() -> None:
     names = sorted({k for s in samples for k in s["memory_mb"]})
     memory = {}
     for name in names:
-        pts = [(s["t"], s["memory_mb"][name]) for s in samples if name in s["memory_mb"]]
-        slope = growth_per_hour(pts)
-        memory[name] = {"first_mb": pts[0][1], "last_mb": pts[-1][1], "max_mb": max(v for _, v in pts),
-                        "growth_mb_per_h_second_half": None if slope is None else round(slope, 1)}  # fmt: skip
+        for key, label in (("memory_mb", name), ("memory_self_mb", f"{name} (itself)")):
+            pts = [(s["t"], s[key][name]) for s in samples if name in s[key]]
+            slope = growth_per_hour(pts)
+            memory[label] = {"first_mb": pts[0][1], "last_mb": pts[-1][1], "max_mb": max(v for _, v in pts),
+                             "growth_mb_per_h_second_half": None if slope is None else round(slope, 1)}  # fmt: skip
     db_slope = growth_per_hour([(s["t"], s["db_mb"]) for s in samples])
     summary = {
         "minutes": minutes,
@@ -218,11 +221,13 @@ def main() -> None:
             "first": samples[0]["db_mb"] if samples else None,
             "last": samples[-1]["db_mb"] if samples else None,
             "growth_mb_per_h_second_half": None if db_slope is None else round(db_slope, 2),
+            "kb_per_study": round((samples[-1]["db_mb"] - samples[0]["db_mb"]) * 1000 / len(sent)) if sent else None,
         },
         "errors": {
             "failed_runs": states.get("FAILED", 0),
             "crashed_runs": states.get("CRASHED", 0),
             "not_notified": len(set(sent) - set(notified_all)),
+            "not_notified_accessions": sorted(set(sent) - set(notified_all)),
             "log_errors": samples[-1]["errors"]["log_errors"] if samples else None,
         },
     }

@@ -133,15 +133,18 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of one process (VmRSS); 0 when it is gone."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def tree_rss_bytes(root: int) -> int:
     """Resident memory of ``root`` and its live descendants (VmRSS summed; shared pages count once per process)."""
-    total = 0
-    for pid in process_tree(root):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-    return total
+    return sum(rss_bytes(pid) for pid in process_tree(root))
 
 
 def pid_files(folder: Path) -> dict[str, int]:
