@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from stack.services import OrthancServer, free_port
+from stack.services import OrthancServer, free_port, wait_until
 from stack.synthetic import write_ct_series
 from tasks.config import WatchSettings
 from tasks.orthanc import OrthancClient
@@ -174,10 +174,7 @@ def test_first_start_notifies_a_study_still_arriving_not_the_backlog(orthanc_sta
     )
     assert round((local - utc).total_seconds() / 3600) == 14, f"Orthanc should run 14 h ahead of UTC: {local} {utc}"
     storescu(server, write_ct_series(tmp_path / "old", 2, accession="BACKLOG1"))
-    deadline = time.monotonic() + 20
-    while not all_stable(server):
-        assert time.monotonic() < deadline, "the backlog study never became stable"
-        time.sleep(0.5)
+    wait_until(lambda: all_stable(server), 20, "the backlog study (stable)")
     storescu(server, write_ct_series(tmp_path / "new", 2, accession="ARRIVING1"))
     time.sleep(1.1)  # its LastUpdate is now strictly before the horizon the first start sets
     w = make_watcher(server.url, deployment, store_name(), settle_seconds=30)
